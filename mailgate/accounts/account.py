@@ -1,0 +1,57 @@
+"""The Account: what an authenticated SMTP login maps to (the cred avatar).
+
+ARCHITECTURE.md "Account": its route (ordered provider names), the provider
+credentials it uses (its own, or the SMTP login itself in passthrough mode),
+allowed senders, limits, and defaults for control headers.  Secrets are kept
+out of ``repr()`` so that an account can be logged safely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Account:
+    """An authenticated client.
+
+    ``route``: provider names in failover order; empty means the server's
+    default route.  ``provider_settings``: per-provider setting overrides
+    (credentials) for this account, e.g. ``{"main": {"token": "..."}}``; never
+    shown by ``repr``.  ``allowed_senders``: addresses and ``@domain`` entries
+    (case-insensitive); empty means any sender.  ``max_recipients`` /
+    ``max_message_size``: None means the server's limit.  ``defaults``: control
+    header defaults keyed by canonical header name (``X-Mailgate-Tag``...).
+    ``delivery_mode``: overrides the listener's mode ("sync" or "queue").
+    """
+
+    name: str
+    route: tuple[str, ...] = ()
+    provider_settings: Mapping[str, Mapping[str, str]] = field(default_factory=dict, repr=False)
+    allowed_senders: tuple[str, ...] = ()
+    max_recipients: int | None = None
+    max_message_size: int | None = None
+    defaults: Mapping[str, str] = field(default_factory=dict)
+    delivery_mode: str | None = None
+
+    def sender_allowed(self, address: str) -> bool:
+        """True when ``address`` may be used as envelope sender or From: address.
+
+        The null reverse-path (``""``) is only allowed when no restriction is set,
+        since bounces are not something a submitting client originates.
+        """
+        if not self.allowed_senders:
+            return True
+        if not address or "@" not in address:
+            return False
+        address = address.lower()
+        domain = "@" + address.rpartition("@")[2]
+        for allowed in self.allowed_senders:
+            allowed = allowed.lower()
+            if allowed == address or (allowed.startswith("@") and allowed == domain):
+                return True
+        return False
+
+    def __hash__(self) -> int:
+        return hash(self.name)  # Mappings are not hashable; the name identifies an account.

@@ -1,0 +1,178 @@
+"""build_service(config, reactor, http_client): the one place where objects meet.
+
+Everything else receives what it needs through its constructor (STYLE.md
+"In practice" 1), so tests can wire the same objects to a Clock, a memory
+account store or a fake API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.cred.portal import Portal
+from twisted.internet import threads
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from mailgate import message
+from mailgate.accounts.account import Account
+from mailgate.accounts.filestore import FileAccountStore
+from mailgate.accounts.passthrough import PassthroughStore
+from mailgate.auth import AccountRealm, AccountStoreChecker
+from mailgate.config import Config, ConfigError, ListenerConfig
+from mailgate.dispatch import Dispatcher, Route
+from mailgate.interfaces import IAccountStore, IDeliverer
+from mailgate.providers import webhook
+from mailgate.smtp import SessionPolicy, SMTPSessionFactory
+from mailgate.tls import ReloadableContextFactory, ensure_dev_certificate
+from mailgate.transports import CaptureTransport, TreqTransport
+
+log = Logger()
+
+# Messages up to this size are parsed on the reactor thread (tens of microseconds);
+# larger ones in the thread pool so one big message never stalls other sessions.
+PARSE_INLINE_LIMIT = 256 * 1024
+
+
+def make_parser(reactor: Any) -> Callable[..., Any]:
+    """``parse(raw, sender, recipients, defaults)``: inline when small, else in a thread."""
+
+    def parse(raw: bytes, sender: str, recipients: tuple[str, ...], defaults: Any) -> Any:
+        if len(raw) <= PARSE_INLINE_LIMIT:
+            return message.parse_message(raw, sender, recipients, defaults)
+        return threads.deferToThreadPool(
+            reactor, reactor.getThreadPool(), message.parse_message, raw, sender, recipients, defaults
+        )
+
+    return parse
+
+
+def build_tls(config: Config) -> ReloadableContextFactory:
+    """The listeners' TLS settings; a self-signed development certificate when none is configured."""
+    certificate, key = config.tls.certificate, config.tls.private_key
+    if certificate is None or key is None:
+        certificate, key = ensure_dev_certificate(config.server.state_dir, config.server.hostname)
+        log.warn(
+            "no [tls] certificate configured: using the self-signed development certificate {path}",
+            path=str(certificate),
+        )
+    return ReloadableContextFactory(certificate, key)
+
+
+def build_account_store(config: Config) -> IAccountStore:
+    accounts = config.accounts
+    if accounts.store == "file":
+        assert accounts.path is not None
+        return FileAccountStore(accounts.path)
+    assert accounts.provider is not None
+    return PassthroughStore(
+        accounts.provider,
+        accounts.username_setting,
+        accounts.password_settings,
+        allowed_senders=accounts.allowed_senders,
+    )
+
+
+def build_routes(config: Config, reactor: Any, http_client: Any) -> dict[str, Route]:
+    """One adapter + transport per configured provider, settings checked by key."""
+    routes: dict[str, Route] = {}
+    for name, provider in config.providers.items():
+        settings = dict(provider.settings)
+        allowed = webhook.SETTINGS + (("folder",) if provider.type == "capture" else ())
+        unknown = sorted(set(settings) - set(allowed))
+        if unknown:
+            raise ConfigError(f"providers.{name}.{unknown[0]}", "unknown key")
+        if provider.type == "capture":
+            settings.setdefault("url", "https://api.example.invalid/v1/emails")
+            transport: Any = CaptureTransport(Path(settings["folder"]))
+        else:
+            url = settings.get("url")
+            if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+                raise ConfigError(f"providers.{name}.url", "required: the http(s) URL of the API")
+            transport = TreqTransport(http_client, reactor, config.delivery.api_timeout)
+        routes[name] = Route(webhook.WebhookProvider(name, settings), transport)
+    return routes
+
+
+def session_policy(config: Config, listener: ListenerConfig, tls: Any, cram_md5: bool) -> SessionPolicy:
+    limits = config.limits
+    return SessionPolicy(
+        role=listener.role,
+        hostname=config.server.hostname,
+        tls=tls,
+        trusted_networks=listener.trusted_networks,
+        max_message_size=limits.max_message_size,
+        max_recipients=limits.max_recipients,
+        line_endings=limits.line_endings,
+        command_timeout=limits.command_timeout,
+        data_timeout=limits.data_timeout,
+        tls_handshake_timeout=limits.tls_handshake_timeout,
+        session_lifetime=limits.session_lifetime,
+        max_errors=limits.max_errors,
+        max_auth_failures=limits.max_auth_failures,
+        auth_failure_delay=limits.auth_failure_delay,
+        cram_md5=cram_md5,
+    )
+
+
+def listener_factory(
+    config: Config,
+    listener: ListenerConfig,
+    tls: Any,
+    portal: Portal,
+    deliverer: IDeliverer,
+    reactor: Any,
+    cram_md5: bool,
+) -> Any:
+    """The protocol factory for one listener; ``submissions`` is wrapped in TLS (RFC 8314)."""
+    factory = SMTPSessionFactory(
+        session_policy(config, listener, tls, cram_md5),
+        portal,
+        deliverer,
+        reactor,
+        make_parser(reactor),
+        trusted_account=Account(name="trusted-networks", route=config.default_route)
+        if listener.trusted_networks
+        else None,
+    )
+    if listener.implicit_tls:
+        return TLSMemoryBIOFactory(tls, False, factory)
+    return factory
+
+
+def build_service(
+    config: Config,
+    reactor: Any,
+    http_client: Any,
+    store: IAccountStore | None = None,
+) -> MultiService:
+    """Wire listeners, authentication and delivery into one service.
+
+    Raises ConfigError (or TLSConfigError) for anything that makes start-up
+    impossible, before a single port is bound.
+    """
+    tls = build_tls(config)
+    store = store if store is not None else build_account_store(config)
+    portal = Portal(AccountRealm(), [AccountStoreChecker(store)])
+    dispatcher = Dispatcher(build_routes(config, reactor, http_client), config.default_route, reactor)
+    cram_md5 = bool(store.supports_cram_md5)
+    top = MultiService()
+    for listener in config.listeners:
+        try:
+            endpoint = serverFromString(reactor, listener.endpoint)
+        except (ValueError, TypeError, KeyError) as e:
+            index = config.listeners.index(listener)
+            raise ConfigError(f"listeners[{index}].endpoint", f"invalid endpoint string: {e}") from None
+        factory = listener_factory(config, listener, tls, portal, dispatcher, reactor, cram_md5)
+        service = StreamServerEndpointService(endpoint, factory)
+        service._raiseSynchronously = True  # A port that cannot be bound stops start-up.
+        service.setServiceParent(top)
+    top.dispatcher = dispatcher  # type: ignore[attr-defined]
+    top.tls = tls  # type: ignore[attr-defined]
+    top.account_store = store  # type: ignore[attr-defined]
+    return top

@@ -1,0 +1,342 @@
+"""mailgate.toml -> frozen, typed configuration objects.
+
+One TOML file (stdlib :mod:`tomllib`).  Every value is validated at start-up;
+an error names the offending key (``listeners[1].role: must be one of ...``)
+and stops start-up without a traceback.  Unknown keys are errors too, so a
+typo never silently falls back to a default.  Every key is documented in
+``etc/mailgate.toml.example``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from mailgate.configvalues import ConfigError, parse_size, resolve_secret
+
+__all__ = [
+    "AccountsConfig",
+    "Config",
+    "ConfigError",
+    "DeliveryConfig",
+    "LimitsConfig",
+    "ListenerConfig",
+    "ProviderConfig",
+    "ServerConfig",
+    "TLSConfig",
+    "load_config",
+    "parse_config",
+]
+
+ROLES = ("relay", "submission", "submissions")
+DELIVERY_MODES = ("sync",)
+LINE_ENDING_POLICIES = ("reject", "normalize")
+ACCOUNT_STORES = ("file", "passthrough")
+PROVIDER_TYPES = ("webhook", "capture")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str
+    state_dir: Path
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Certificate chain and key; both None means "generate a development certificate"."""
+
+    certificate: Path | None = None
+    private_key: Path | None = None
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    endpoint: str
+    role: str
+    trusted_networks: tuple[Network, ...] = ()
+    mode: str | None = None
+
+    @property
+    def implicit_tls(self) -> bool:
+        """RFC 8314 §3.3: the submissions port speaks TLS from the first byte."""
+        return self.role == "submissions"
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    mode: str = "sync"
+    route: tuple[str, ...] = ()
+    api_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Session and message limits (RFC 5321 §4.5.3 sizes, §4.5.3.2 timeouts)."""
+
+    max_message_size: int = 10 * 1024 * 1024
+    max_recipients: int = 50
+    line_endings: str = "reject"
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    tls_handshake_timeout: float = 30.0
+    session_lifetime: float = 3600.0
+    max_errors: int = 10
+    max_auth_failures: int = 3
+    auth_failure_delay: float = 1.0
+
+
+@dataclass(frozen=True)
+class AccountsConfig:
+    store: str = "file"
+    path: Path | None = None
+    # passthrough store
+    provider: str | None = None
+    username_setting: str = ""
+    password_settings: tuple[str, ...] = ()
+    allowed_senders: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    name: str
+    type: str
+    settings: Mapping[str, Any] = field(repr=False, default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig
+    tls: TLSConfig
+    listeners: tuple[ListenerConfig, ...]
+    delivery: DeliveryConfig
+    limits: LimitsConfig
+    accounts: AccountsConfig
+    providers: Mapping[str, ProviderConfig]
+    source: Path | None = None
+
+    @property
+    def default_route(self) -> tuple[str, ...]:
+        return self.delivery.route or tuple(self.providers)
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate the TOML file at ``path``."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("--config", f"{path}: no such file") from None
+    except OSError as e:
+        raise ConfigError("--config", f"{path}: {e.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError("--config", f"{path}: not valid TOML: {e}") from None
+    return parse_config(data, base_dir=path.parent.resolve(), source=path)
+
+
+class _Table:
+    """A TOML table being consumed: typed getters that name the key on error."""
+
+    def __init__(self, data: Any, key: str):
+        if not isinstance(data, dict):
+            raise ConfigError(key, "must be a table")
+        self.data = dict(data)
+        self.key = key
+
+    def _path(self, name: str) -> str:
+        return f"{self.key}.{name}" if self.key else name
+
+    def take(self, name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+        if name not in self.data:
+            return default
+        value = self.data.pop(name)
+        if isinstance(value, bool) and kind in (int, float, (int, float)):
+            raise ConfigError(self._path(name), "must be a number")
+        if not isinstance(value, kind):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise ConfigError(self._path(name), f"must be a {names.replace('str', 'string')}")
+        return value
+
+    def string(self, name: str, default: str | None = None, choices: tuple[str, ...] = ()) -> Any:
+        value = self.take(name, str, default)
+        if value is not None and choices and value not in choices:
+            raise ConfigError(self._path(name), f"must be one of {', '.join(choices)}")
+        return value
+
+    def positive(self, name: str, default: float, integer: bool = False) -> Any:
+        value = self.take(name, int if integer else (int, float), default)
+        if value <= 0:
+            raise ConfigError(self._path(name), "must be greater than zero")
+        return value
+
+    def strings(self, name: str) -> tuple[str, ...]:
+        value = self.take(name, list, [])
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                raise ConfigError(f"{self._path(name)}[{index}]", "must be a string")
+        return tuple(value)
+
+    def table(self, name: str) -> _Table:
+        return _Table(self.data.pop(name, {}), self._path(name))
+
+    def path(self, name: str, base_dir: Path, default: Path | None = None) -> Path | None:
+        value = self.take(name, str)
+        if value is None:
+            return default
+        return (base_dir / Path(value).expanduser()).resolve()
+
+    def finish(self) -> None:
+        """Unknown keys are errors: a typo must not silently become a default."""
+        for name in self.data:
+            raise ConfigError(self._path(name), "unknown key")
+
+
+def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = None) -> Config:
+    """Validate already-parsed TOML data; relative paths are resolved against ``base_dir``."""
+    top = _Table(data, "")
+
+    server_t = top.table("server")
+    server = ServerConfig(
+        hostname=server_t.string("hostname", socket.getfqdn()),
+        state_dir=server_t.path("state_dir", base_dir, base_dir / "mailgate-state"),  # type: ignore[arg-type]
+    )
+    server_t.finish()
+
+    tls_t = top.table("tls")
+    tls = TLSConfig(
+        certificate=tls_t.path("certificate", base_dir),
+        private_key=tls_t.path("private_key", base_dir),
+    )
+    if (tls.certificate is None) != (tls.private_key is None):
+        missing = "tls.private_key" if tls.private_key is None else "tls.certificate"
+        raise ConfigError(missing, "certificate and private_key must be given together")
+    tls_t.finish()
+
+    listeners_data = top.take("listeners", list, [])
+    if not listeners_data:
+        raise ConfigError("listeners", "at least one [[listeners]] entry is required")
+    listeners = tuple(_listener(item, f"listeners[{index}]") for index, item in enumerate(listeners_data))
+
+    delivery_t = top.table("delivery")
+    delivery = DeliveryConfig(
+        mode=delivery_t.string("mode", "sync", DELIVERY_MODES),
+        route=delivery_t.strings("route"),
+        api_timeout=float(delivery_t.positive("api_timeout", 30.0)),
+    )
+    delivery_t.finish()
+
+    limits_t = top.table("limits")
+    size = limits_t.take("max_message_size", (int, str), 10 * 1024 * 1024)
+    defaults = LimitsConfig()
+    limits = LimitsConfig(
+        max_message_size=parse_size(size, "limits.max_message_size"),
+        max_recipients=limits_t.positive("max_recipients", defaults.max_recipients, integer=True),
+        line_endings=limits_t.string("line_endings", defaults.line_endings, LINE_ENDING_POLICIES),
+        command_timeout=float(limits_t.positive("command_timeout", defaults.command_timeout)),
+        data_timeout=float(limits_t.positive("data_timeout", defaults.data_timeout)),
+        tls_handshake_timeout=float(
+            limits_t.positive("tls_handshake_timeout", defaults.tls_handshake_timeout)
+        ),
+        session_lifetime=float(limits_t.positive("session_lifetime", defaults.session_lifetime)),
+        max_errors=limits_t.positive("max_errors", defaults.max_errors, integer=True),
+        max_auth_failures=limits_t.positive(
+            "max_auth_failures", defaults.max_auth_failures, integer=True
+        ),
+        auth_failure_delay=float(limits_t.take("auth_failure_delay", (int, float), 1.0)),
+    )
+    if limits.auth_failure_delay < 0:
+        raise ConfigError("limits.auth_failure_delay", "must not be negative")
+    limits_t.finish()
+
+    providers_t = top.table("providers")
+    providers: dict[str, ProviderConfig] = {}
+    for name in list(providers_t.data):
+        providers[name] = _provider(name, providers_t.table(name), base_dir)
+    if not providers:
+        raise ConfigError("providers", "at least one [providers.NAME] table is required")
+    for index, name in enumerate(delivery.route):
+        if name not in providers:
+            raise ConfigError(f"delivery.route[{index}]", f"no provider named {name!r}")
+
+    accounts_t = top.table("accounts")
+    accounts = AccountsConfig(
+        store=accounts_t.string("store", "file", ACCOUNT_STORES),
+        path=accounts_t.path("path", base_dir),
+        provider=accounts_t.string("provider"),
+        username_setting=accounts_t.string("username_setting", ""),
+        password_settings=accounts_t.strings("password_settings"),
+        allowed_senders=accounts_t.strings("allowed_senders"),
+    )
+    accounts_t.finish()
+    if accounts.store == "file" and accounts.path is None:
+        raise ConfigError("accounts.path", "required when accounts.store is \"file\"")
+    if accounts.store == "passthrough":
+        if accounts.provider not in providers:
+            raise ConfigError("accounts.provider", "must name a configured provider")
+        if not accounts.password_settings:
+            raise ConfigError("accounts.password_settings", "required for the passthrough store")
+
+    top.finish()
+    return Config(
+        server=server,
+        tls=tls,
+        listeners=listeners,
+        delivery=delivery,
+        limits=limits,
+        accounts=accounts,
+        providers=MappingProxyType(providers),
+        source=source,
+    )
+
+
+def _listener(data: Any, key: str) -> ListenerConfig:
+    table = _Table(data, key)
+    endpoint = table.string("endpoint")
+    if not endpoint:
+        raise ConfigError(f"{key}.endpoint", "required (a Twisted endpoint string, e.g. \"tcp:587\")")
+    role = table.string("role", None, ROLES)
+    if role is None:
+        raise ConfigError(f"{key}.role", f"required: one of {', '.join(ROLES)}")
+    networks = []
+    for index, text in enumerate(table.strings("trusted_networks")):
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise ConfigError(f"{key}.trusted_networks[{index}]", f"not a network: {text!r}") from None
+    if networks and role != "relay":
+        raise ConfigError(f"{key}.trusted_networks", "only a relay listener accepts unauthenticated mail")
+    listener = ListenerConfig(
+        endpoint=endpoint,
+        role=role,
+        trusted_networks=tuple(networks),
+        mode=table.string("mode", None, DELIVERY_MODES),
+    )
+    table.finish()
+    return listener
+
+
+def _provider(name: str, table: _Table, base_dir: Path) -> ProviderConfig:
+    kind = table.string("type", None, PROVIDER_TYPES)
+    if kind is None:
+        raise ConfigError(f"providers.{name}.type", f"required: one of {', '.join(PROVIDER_TYPES)}")
+    settings: dict[str, Any] = {}
+    for key in list(table.data):
+        value = table.data.pop(key)
+        full = f"providers.{name}.{key}"
+        if isinstance(value, str):
+            value = resolve_secret(value, full)
+        elif not isinstance(value, int | float | bool | list):
+            raise ConfigError(full, "must be a string, number, boolean or list")
+        settings[key] = value
+    if kind == "capture":
+        folder = settings.get("folder", "captured")
+        if not isinstance(folder, str):
+            raise ConfigError(f"providers.{name}.folder", "must be a string")
+        settings["folder"] = str((base_dir / Path(folder).expanduser()).resolve())
+    return ProviderConfig(name=name, type=kind, settings=MappingProxyType(settings))

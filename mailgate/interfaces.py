@@ -1,0 +1,80 @@
+"""The seams between mailgate's parts, declared once with zope.interface.
+
+Implementations are ``@implementer`` classes checked with ``verifyObject`` in
+tests (fakes in :mod:`mailgate.testing` too).  Anything that does I/O returns a
+Deferred; adapters (:class:`IProvider`) are pure.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IAccount(Interface):
+    """Marker interface under which the realm hands out :class:`Account` avatars."""
+
+
+class IAccountStore(Interface):
+    """Where logins are checked and accounts come from (file, passthrough, http)."""
+
+    supports_cram_md5 = Attribute(
+        "True when this store can verify CRAM-MD5 (RFC 2195) for at least some accounts."
+    )
+
+    def authenticate_password(username: str, password: str):  # type: ignore[no-untyped-def]
+        """Check a PLAIN/LOGIN login.
+
+        Returns a Deferred firing with the Account, or failing with
+        ``twisted.cred.error.UnauthorizedLogin`` (bad credentials: 535 5.7.8) or
+        any other error (store unavailable: 454 4.7.0).
+        """
+
+    def authenticate_cram_md5(username: str, challenge: bytes, digest: str):  # type: ignore[no-untyped-def]
+        """Check a CRAM-MD5 response: ``digest`` is the client's lowercase hex HMAC-MD5.
+
+        Same Deferred contract as :meth:`authenticate_password`.
+        """
+
+
+class HTTPRequestLike(Interface):
+    """Documentation only: see :class:`mailgate.providers.base.HTTPRequest`."""
+
+
+class IProvider(Interface):
+    """A pure adapter for one API: email -> request, response -> outcome.
+
+    The dispatcher owns all I/O; an adapter never touches the network.
+    """
+
+    name = Attribute("The configured provider name (the key under [providers]).")
+    type = Attribute("The adapter type, e.g. 'webhook'.")
+
+    def check(email, account):  # type: ignore[no-untyped-def]
+        """Return a Failed outcome if this provider cannot carry ``email`` at all
+        (e.g. attachments where the API has none), else None.  Called at the end
+        of DATA so the client gets a precise permanent reply."""
+
+    def build_requests(email, account, message_id):  # type: ignore[no-untyped-def]
+        """Return a list of :class:`HTTPRequest` for this email (usually one;
+        several where the API needs one request per recipient)."""
+
+    def classify(request, response):  # type: ignore[no-untyped-def]
+        """Turn an :class:`HTTPResponse` into Delivered, Retry or Failed."""
+
+
+class ITransport(Interface):
+    """Carries a built request somewhere: HTTPS via treq, or a capture folder."""
+
+    def send(request):  # type: ignore[no-untyped-def]
+        """Return a Deferred firing with an :class:`HTTPResponse`, or failing with
+        a connection error or timeout (classified by the dispatcher as Retry)."""
+
+
+class IDeliverer(Interface):
+    """What the SMTP session hands a finished message to (sync or queue mode)."""
+
+    def deliver(email, account, queue_id):  # type: ignore[no-untyped-def]
+        """Return a Deferred firing with an outcome whose ``reply()`` answers the final dot.
+
+        ``queue_id`` is mailgate's id for the message (logs, Received header,
+        idempotency key)."""

@@ -1,0 +1,501 @@
+"""Raw MIME -> :class:`mailgate.model.OutboundEmail`.
+
+ARCHITECTURE.md "Data flow": at the end of DATA the message is parsed once into
+the neutral model that every provider adapter receives.  The parser is the
+standard library's :mod:`email` package with ``policy.default`` (RFC 5322,
+RFC 2045-2049, RFC 2047 encoded words, RFC 2231 parameters, RFC 6532 UTF-8
+headers), so that decoding rules are those of a maintained implementation.
+
+Decided semantics (ARCHITECTURE.md §1, §6):
+
+* Recipients come from the SMTP envelope.  ``bcc`` is the envelope recipients
+  that appear in neither ``To`` nor ``Cc`` (compared case-insensitively), in
+  envelope order.  A ``Bcc:`` header (and ``Resent-Bcc:``) is never used, never
+  listed in ``headers`` and removed from ``raw``.
+* Control headers are read into ``controls`` and removed from ``headers`` and
+  ``raw`` (:mod:`mailgate.controls`).
+
+``raw`` is filtered at byte level, header block only, so the body reaches
+raw-MIME providers byte-for-byte as the client sent it.
+
+The parser is lenient: almost any input yields a model.  :class:`MessageParseError`
+is raised only when the input exceeds the structural limits below (or nests
+deeper than the interpreter can recurse); nothing else ever escapes
+:func:`parse_message`.
+"""
+
+from __future__ import annotations
+
+import binascii
+import codecs
+import html
+import quopri
+import re
+from collections.abc import Mapping, Sequence
+from email import policy as email_policy
+from email.generator import BytesGenerator
+from email.message import EmailMessage, Message
+from email.parser import BytesParser
+from email.utils import collapse_rfc2231_value, getaddresses
+from io import BytesIO
+
+from mailgate.controls import extract_controls, is_control_header
+from mailgate.model import Attachment, EmailAddress, OutboundEmail
+
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_PARSE_WORK",
+    "MAX_PARTS",
+    "MessageParseError",
+    "parse_message",
+    "text_to_html",
+]
+
+#: Most MIME parts (every node of the tree, containers included, and the parts
+#: of attached messages) a message may have.  Real mail has a handful.
+MAX_PARTS = 1000
+#: Deepest MIME nesting accepted (the top level is depth 0).  Real mail rarely
+#: goes past 5; a forwarded chain of attached messages adds 2-3 per message.
+MAX_DEPTH = 32
+#: Upper bound on (line count x occurrences of "multipart") checked *before*
+#: parsing.  The stdlib feed parser tests every line against the boundary of
+#: every enclosing multipart, so its cost grows as lines x nesting depth; depth
+#: is at most the number of "multipart" occurrences.  A crafted 10 MiB message
+#: of short lines inside hundreds of nested multiparts would otherwise take
+#: minutes.  The bound admits, e.g., 10 MiB of base64 attachments (~140k lines)
+#: with 140 multipart containers.
+MAX_PARSE_WORK = 20_000_000
+
+_PARSER = BytesParser(policy=email_policy.default)
+# Re-serialising attached messages: keep header lines as they were.
+_GENERATOR_POLICY = email_policy.default.clone(linesep="\r\n", refold_source="none")
+
+# Headers the model carries in dedicated fields, trace headers, and Bcc.
+_STRUCTURAL = frozenset(
+    {
+        "from",
+        "to",
+        "cc",
+        "bcc",
+        "resent-bcc",
+        "reply-to",
+        "subject",
+        "message-id",
+        "date",
+        "mime-version",
+        "return-path",
+        "received",
+    }
+)
+# Removed from ``raw``: never disclose blind recipients (ARCHITECTURE.md §1).
+_RAW_DROP = frozenset({"bcc", "resent-bcc"})
+
+# What the stdlib feed parser accepts as a header line (email.feedparser.headerRE),
+# in bytes: the header block ends at the first line that does not match.
+_HEADER_LINE = re.compile(rb"From |[\x21-\x39\x3b-\x7e]*:|[\t ]")
+_LINE = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n|\Z)")
+_LINE_BREAKS = re.compile(r"\r\n|\r|\n")
+_MSGID = re.compile(r"<([^<>]*)>")
+_MULTIPART = re.compile(rb"(?i)multipart")
+_SPACE_RUN = re.compile(r"^ +| {2,}")
+# Codecs that are not character sets, or whose decoding cost is superlinear.
+_BAD_CODECS = frozenset({"idna", "punycode", "undefined", "unicode_escape", "raw_unicode_escape"})
+
+
+class MessageParseError(Exception):
+    """The message cannot be turned into an OutboundEmail; ``reason`` says why.
+
+    The SMTP layer answers 554 5.6.0 with the reason (ARCHITECTURE.md §4).
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def parse_message(
+    raw: bytes,
+    envelope_sender: str,
+    envelope_recipients: Sequence[str],
+    defaults: Mapping[str, str] = {},
+) -> OutboundEmail:
+    """Parse ``raw`` (as received after dot-unstuffing, CRLF line endings) once.
+
+    ``defaults`` are the account's control-header defaults
+    (:func:`mailgate.controls.extract_controls`).  Raises
+    :class:`MessageParseError` and nothing else for bad input; a ``raw`` that is
+    not bytes-like is a programming error (``TypeError``).
+    """
+    if isinstance(raw, (bytearray, memoryview)):
+        raw = bytes(raw)
+    if not isinstance(raw, bytes):
+        raise TypeError(f"raw must be bytes, not {type(raw).__name__}")
+    try:
+        return _parse(raw, envelope_sender, tuple(envelope_recipients), defaults)
+    except MessageParseError:
+        raise
+    except RecursionError:
+        raise MessageParseError("MIME structure is nested too deeply") from None
+    except Exception as exc:  # the stdlib parser is lenient, but be certain
+        # The cause stays attached so that logs and tests can see the bug.
+        raise MessageParseError(f"unparsable message ({type(exc).__name__})") from exc
+
+
+def _parse(
+    raw: bytes,
+    envelope_sender: str,
+    envelope_recipients: tuple[str, ...],
+    defaults: Mapping[str, str],
+) -> OutboundEmail:
+    lines = max(raw.count(b"\n"), raw.count(b"\r")) + 1
+    if lines * len(_MULTIPART.findall(raw)) > MAX_PARSE_WORK:
+        raise MessageParseError("MIME structure too complex for the message size")
+    msg = _PARSER.parsebytes(raw)
+    assert isinstance(msg, EmailMessage)
+
+    leaves, related_leaves = _walk(msg)
+
+    # RFC 2046 §5.1.4 (alternative) and RFC 2387 (related) body selection, as
+    # implemented by EmailMessage.get_body; attachments are never bodies.
+    text_part = msg.get_body(preferencelist=("plain",))
+    html_part = msg.get_body(preferencelist=("html",))
+    text = _decode_text(text_part) if text_part is not None else None
+    html_body = _decode_text(html_part) if html_part is not None else None
+
+    attachments = tuple(
+        _attachment(part, id(part) in related_leaves)
+        for part in leaves
+        if part is not text_part and part is not html_part
+    )
+
+    headers: list[tuple[str, str]] = []
+    all_headers: list[tuple[str, str]] = []
+    for name, value in msg.raw_items():
+        lname = name.lower()
+        control = is_control_header(name)
+        if lname in _STRUCTURAL or lname.startswith("content-"):
+            continue
+        value_str = _header_str(msg, name, value)
+        all_headers.append((name, value_str))
+        if not control:
+            headers.append((name, value_str))
+
+    to = _addresses(msg, "to")
+    cc = _addresses(msg, "cc")
+    seen = {a.address.lower() for a in to + cc}
+    bcc: list[EmailAddress] = []
+    for rcpt in envelope_recipients:
+        folded = rcpt.lower()
+        if folded not in seen:
+            seen.add(folded)
+            bcc.append(EmailAddress(rcpt, ""))
+
+    from_list = _addresses(msg, "from")
+    subject = _first_header_str(msg, "subject")
+
+    return OutboundEmail(
+        envelope_sender=envelope_sender,
+        envelope_recipients=envelope_recipients,
+        from_=from_list[0] if from_list else None,
+        reply_to=_addresses(msg, "reply-to"),
+        to=to,
+        cc=cc,
+        bcc=tuple(bcc),
+        subject=subject or "",
+        text=text,
+        html=html_body,
+        attachments=attachments,
+        headers=tuple(headers),
+        message_id=_message_id(msg),
+        date=_raw_header(msg, "date") or None,
+        controls=extract_controls(all_headers, defaults),
+        raw=_filter_raw(raw),
+    )
+
+
+def _walk(msg: Message) -> tuple[list[Message], set[int]]:
+    """Leaf parts in document order, and the ids of those inside multipart/related.
+
+    ``message/*`` parts are leaves (attachments), but their inner parts still
+    count towards :data:`MAX_PARTS` and :data:`MAX_DEPTH`.  Iterative, so the
+    walk itself never recurses.
+    """
+    leaves: list[Message] = []
+    related: set[int] = set()
+    # (part, depth, inside multipart/related, inside an attached message)
+    stack: list[tuple[Message, int, bool, bool]] = [(msg, 0, False, False)]
+    count = 0
+    while stack:
+        part, depth, in_related, attached = stack.pop()
+        count += 1
+        if count > MAX_PARTS:
+            raise MessageParseError(f"message has more than {MAX_PARTS} MIME parts")
+        if depth > MAX_DEPTH:
+            raise MessageParseError(f"MIME parts nested deeper than {MAX_DEPTH} levels")
+        payload = part.get_payload()
+        maintype = part.get_content_maintype()
+        is_container = isinstance(payload, list)
+        if not attached and (maintype != "multipart" or not is_container):
+            leaves.append(part)
+            if in_related:
+                related.add(id(part))
+        if is_container:
+            child_related = in_related or part.get_content_type() == "multipart/related"
+            child_attached = attached or maintype != "multipart"
+            for child in reversed(payload):
+                if isinstance(child, Message):
+                    stack.append((child, depth + 1, child_related, child_attached))
+    return leaves, related
+
+
+def _decode_bytes(data: bytes, charset: str | None) -> str:
+    """Decode with the declared charset; never raises.
+
+    Undeclared, us-ascii or unknown charsets: UTF-8 if the bytes are valid
+    UTF-8 (the common mislabelling), else Latin-1, which maps every byte.
+    """
+    if charset and charset not in ("us-ascii", "ascii"):
+        try:
+            codec = codecs.lookup(charset).name
+            if codec not in _BAD_CODECS:
+                return data.decode(codec, errors="replace")
+        except (LookupError, UnicodeError, ValueError):
+            pass
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def _decode_text(part: Message) -> str:
+    """A text part's content as str, line endings normalised to ``\\n``."""
+    data = part.get_payload(decode=True)
+    if not isinstance(data, bytes):
+        data = b""
+    charset = part.get_content_charset()
+    return _decode_bytes(data, charset).replace("\r\n", "\n")
+
+
+def _attachment(part: Message, in_related: bool) -> Attachment:
+    content_type = part.get_content_type()
+    maintype = part.get_content_maintype()
+    filename = _filename(part)
+    if maintype == "message":
+        content = _message_part_bytes(part)
+        if filename is None and content_type == "message/rfc822":
+            filename = "message.eml"
+    elif maintype == "multipart":
+        # A multipart the parser could not split (no or unmatched boundary).
+        content_type = "application/octet-stream"
+        content = _raw_payload_bytes(part)
+    else:
+        data = part.get_payload(decode=True)
+        content = data if isinstance(data, bytes) else b""
+    content_id = _content_id(part)
+    disposition = part.get_content_disposition()
+    # RFC 2392: a part with a Content-ID is referenced as cid:; it is inline when
+    # it says so (RFC 2183) or lives in multipart/related (RFC 2387).
+    inline = content_id is not None and (disposition == "inline" or in_related)
+    return Attachment(
+        filename=filename,
+        content_type=content_type,
+        content=content,
+        content_id=content_id,
+        inline=inline,
+    )
+
+
+def _filename(part: Message) -> str | None:
+    """RFC 2183 filename (RFC 2231 / RFC 2047 decoded), else the Content-Type name."""
+    try:
+        name = part.get_filename()
+        if name is None:
+            name = part.get_param("name")
+            if isinstance(name, tuple):  # undecoded RFC 2231 triple
+                name = collapse_rfc2231_value(name)
+    except Exception:  # noqa: BLE001 - stdlib parameter parsing; a filename is optional
+        return None
+    if not isinstance(name, str):
+        return None
+    name = _clean_text(name).strip()
+    return name or None
+
+
+def _content_id(part: Message) -> str | None:
+    raw = part.get("content-id")
+    if raw is None:
+        return None
+    value = _clean_text(str(raw)).strip()
+    if value.startswith("<") and value.endswith(">"):
+        value = value[1:-1].strip()
+    return value or None
+
+
+def _message_part_bytes(part: Message) -> bytes:
+    """Bytes of an attached message (RFC 2046 §5.2), re-serialised by the stdlib."""
+    buffer = BytesIO()
+    BytesGenerator(buffer, policy=_GENERATOR_POLICY).flatten(part)
+    data = buffer.getvalue()
+    sep = data.find(b"\r\n\r\n")
+    body = data[sep + 4 :] if sep >= 0 else b""
+    # RFC 2046 forbids encoding message/rfc822, but clients do it.
+    cte = str(part.get("content-transfer-encoding", "")).strip().lower()
+    if cte == "base64":
+        try:
+            body = binascii.a2b_base64(body)
+        except binascii.Error:
+            pass
+    elif cte == "quoted-printable":
+        body = quopri.decodestring(body)
+    return body
+
+
+def _raw_payload_bytes(part: Message) -> bytes:
+    payload = part.get_payload()
+    if isinstance(payload, str):
+        return payload.encode("utf-8", "surrogateescape")
+    return b""
+
+
+def _clean_text(value: str) -> str:
+    """Repair text from headers: undecodable bytes, embedded line breaks.
+
+    The parser keeps raw 8-bit header bytes as surrogate escapes (RFC 6532
+    UTF-8 headers arrive that way); decode them as UTF-8, else Latin-1.
+    Line breaks that survive unfolding came from encoded words; they would
+    allow header injection downstream, so they become spaces.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        data = value.encode("utf-8", "surrogateescape")
+        try:
+            value = data.decode("utf-8")
+        except UnicodeDecodeError:
+            value = data.decode("latin-1")
+    if "\r" in value or "\n" in value or "\x00" in value:
+        value = _LINE_BREAKS.sub(" ", value).replace("\x00", "")
+    return value
+
+
+def _unfold(value: str) -> str:
+    """RFC 5322 §2.2.3 unfolding of a raw header value."""
+    return _LINE_BREAKS.sub("", value).strip()
+
+
+def _header_str(msg: Message, name: str, raw_value: str) -> str:
+    """Decoded (RFC 2047), unfolded header value; raw value if decoding fails."""
+    try:
+        value = str(msg.policy.header_fetch_parse(name, raw_value))
+    except Exception:  # noqa: BLE001 - stdlib header parser bugs: keep the raw text
+        value = _unfold(raw_value)
+    return _clean_text(value).strip()
+
+
+def _first_header_str(msg: Message, name: str) -> str | None:
+    for hname, value in msg.raw_items():
+        if hname.lower() == name:
+            return _header_str(msg, hname, value)
+    return None
+
+
+def _raw_header(msg: Message, name: str) -> str:
+    for hname, value in msg.raw_items():
+        if hname.lower() == name:
+            return _clean_text(_unfold(value))
+    return ""
+
+
+def _message_id(msg: Message) -> str | None:
+    value = _raw_header(msg, "message-id")
+    match = _MSGID.search(value)
+    if match:
+        value = match.group(1).strip()
+    return value or None
+
+
+def _addresses(msg: Message, name: str) -> tuple[EmailAddress, ...]:
+    """All mailboxes of every ``name`` header, groups flattened (RFC 5322 §3.4)."""
+    result: list[EmailAddress] = []
+    for hname, raw_value in msg.raw_items():
+        if hname.lower() != name:
+            continue
+        pairs: list[tuple[str, str]]
+        try:
+            header = msg.policy.header_fetch_parse(hname, raw_value)
+            pairs = [(a.display_name, a.addr_spec) for a in header.addresses]
+        except Exception:  # noqa: BLE001 - stdlib header parser bugs: best effort below
+            try:
+                pairs = getaddresses([_unfold(raw_value)])
+            except Exception:  # noqa: BLE001 - malformed beyond repair: no mailboxes
+                pairs = []
+        for display, addr in pairs:
+            addr = _clean_text(addr or "").strip()
+            if not addr or addr == "<>":
+                continue
+            result.append(EmailAddress(addr, _clean_text(display or "").strip()))
+    return tuple(result)
+
+
+def _filter_raw(raw: bytes) -> bytes:
+    """``raw`` minus Bcc and control header fields, body untouched.
+
+    The header block ends where the stdlib parser ends it: at the first line
+    that is neither a field, a continuation line nor an mbox ``From `` line
+    (``email.feedparser``).  A dropped field takes its continuation lines
+    (RFC 5322 §2.2.3 folding) with it.
+    """
+    kept: list[bytes] = []
+    dropped = False
+    dropping = False
+    pos = 0
+    end = len(raw)
+    while pos < end:
+        match = _LINE.match(raw, pos)
+        assert match is not None
+        line = match.group()
+        if not line or not _HEADER_LINE.match(line):
+            break
+        if line[:1] in (b" ", b"\t"):
+            if dropping:
+                dropped = True
+            else:
+                kept.append(line)
+        else:
+            colon = line.find(b":")
+            name = (
+                line[:colon].decode("ascii") if colon > 0 and not line.startswith(b"From ") else ""
+            )
+            dropping = bool(name) and (name.lower() in _RAW_DROP or is_control_header(name))
+            if dropping:
+                dropped = True
+            else:
+                kept.append(line)
+        pos = match.end()
+    if not dropped:
+        return raw
+    return b"".join(kept) + raw[pos:]
+
+
+def text_to_html(text: str) -> str:
+    """A minimal HTML document showing ``text`` the way plain text is shown.
+
+    For providers that require an HTML body (the model leaves ``html`` None for
+    text-only mail).  Markup is escaped; line breaks become ``<br>``; runs of
+    spaces and leading indentation become ``&nbsp;`` and tabs expand to 4
+    columns.  That is ``white-space: pre-wrap`` done in markup, because some
+    clients (Outlook's Word engine) ignore the CSS property, and a CSS
+    ``pre-wrap`` together with ``<br>`` would double every line break.  Long
+    words may wrap.
+    """
+    rendered = []
+    for line in _LINE_BREAKS.split(text):
+        escaped = html.escape(line.expandtabs(4), quote=False)
+        rendered.append(_SPACE_RUN.sub(lambda m: "&nbsp;" * len(m.group()), escaped))
+    body = "<br>\n".join(rendered)
+    return (
+        "<!DOCTYPE html>\n"
+        '<html><head><meta charset="utf-8"></head>\n'
+        '<body><div style="word-wrap:break-word;overflow-wrap:anywhere">'
+        f"{body}</div></body></html>\n"
+    )

@@ -1,0 +1,62 @@
+"""What a delivery attempt came to, and the SMTP reply each outcome earns.
+
+Adapters classify an API response into one of three outcomes (ARCHITECTURE.md,
+"provider adapter"); the dispatcher turns the outcome into the reply of the
+error table, always with an RFC 3463 enhanced status code.  Stock Twisted's
+blanket ``550`` is never produced here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mailgate.replies import Reply, sanitise_text
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """The provider accepted the message; ``message_id`` is its id for it."""
+
+    provider: str
+    message_id: str
+
+    def reply(self) -> Reply:
+        return Reply(250, "2.0.0", f"Ok: {self.message_id}")
+
+
+@dataclass(frozen=True)
+class Retry:
+    """A transient failure: try again later (sync mode answers 451).
+
+    ``after`` is the earliest retry in seconds (from ``Retry-After``) or None.
+    ``enhanced`` is the RFC 3463 code that best describes the cause:
+    4.4.1 no answer / connection failed, 4.7.0 rate limited, 4.3.0 provider error.
+    """
+
+    provider: str
+    reason: str
+    enhanced: str = "4.3.0"
+    after: float | None = None
+
+    def reply(self) -> Reply:
+        return Reply(451, self.enhanced, f"Temporary failure at {self.provider}: {self.reason}")
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A permanent failure: the provider will never take this message as it is.
+
+    ``code``/``enhanced`` default to ``554 5.6.0``-style content rejection; the
+    adapter picks a closer code where one exists (552 5.3.4 for size).
+    """
+
+    provider: str
+    reason: str
+    code: int = 554
+    enhanced: str = "5.0.0"
+
+    def reply(self) -> Reply:
+        return Reply(self.code, self.enhanced, f"Rejected by {self.provider}: {sanitise_text(self.reason)}")
+
+
+Outcome = Delivered | Retry | Failed

@@ -1,0 +1,1 @@
+"""Provider adapters: one pure module per API (ARCHITECTURE.md "Provider adapter")."""

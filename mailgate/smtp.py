@@ -1,0 +1,674 @@
+"""mailgate's SMTP server session: a hardened subclass of Twisted's ESMTP.
+
+The protocol holds no business logic: it frames bytes, enforces the role and
+limits of its listener, authenticates through the cred portal and hands each
+finished message to an :class:`~mailgate.interfaces.IDeliverer`, answering the
+final dot with the deliverer's verdict.
+
+What stock ``twisted.mail.smtp.ESMTP`` gets wrong, and how this class answers
+it (numbers refer to SECURITY.md):
+
+1. STARTTLS command injection: everything buffered after ``STARTTLS`` is
+   discarded and all session state is forgotten (RFC 3207 §4.2).
+2. AUTH before TLS: AUTH is advertised and accepted only under TLS;
+   ``538 5.7.11`` otherwise (RFC 4954 §4).
+3. Long DATA lines: the session stays in DATA until the real end of data
+   (:mod:`mailgate.framing`), then rejects the message.
+4. Unbounded buffers: command lines are capped (512 octets, 12288 for AUTH);
+   an unterminated line beyond that closes the session.
+5. Crashes: every argument is parsed by code that answers with a reply.
+6. Lax AUTH parsing: strict base64, exact PLAIN part counts, authzid checked.
+7. No limits: recipients, errors, AUTH failures (with growing delays), idle
+   timeouts, a TLS handshake timeout and a session lifetime.
+8. Blanket 550: replies come from the deliverer's outcome (error table).
+9. Bare LF/CR and NUL in DATA: rejected (or normalised, by configuration).
+10. Header injection through EHLO: the argument must be printable ASCII.
+11. ``SMTPServerError.resp`` type trap: Twisted's exceptions are not used.
+12. Weak TLS defaults: see :mod:`mailgate.tls`.
+13. CRAM-MD5 randomness: see :mod:`mailgate.auth`.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import ipaddress
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IHandshakeListener, ITLSTransport
+from twisted.logger import Logger
+from twisted.mail.smtp import ESMTP, SMTPFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailgate import auth, envelope, replies
+from mailgate.accounts.account import Account
+from mailgate.framing import DataReader
+from mailgate.ids import new_queue_id
+from mailgate.interfaces import IAccount, IDeliverer
+from mailgate.replies import Reply
+
+MAX_COMMAND_LINE = 512  # RFC 5321 §4.5.3.1.4, including CRLF.
+SPOOL_IN_MEMORY = 1024 * 1024  # DATA beyond this spills from memory to a temp file.
+PAUSE_READING_AT = 256 * 1024  # Stop reading while a command is pending and this much is buffered.
+_SYNC_COMMANDS = frozenset({b"EHLO", b"HELO", b"STARTTLS", b"QUIT"})
+
+
+@dataclass(frozen=True)
+class SessionPolicy:
+    """Everything a session needs to know about its listener (ARCHITECTURE.md "Listener")."""
+
+    role: str
+    hostname: str
+    tls: Any = None  # IOpenSSLServerConnectionCreator for STARTTLS (relay/submission)
+    trusted_networks: tuple[Any, ...] = ()
+    max_message_size: int = 10 * 1024 * 1024
+    max_recipients: int = 50
+    line_endings: str = "reject"
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    tls_handshake_timeout: float = 30.0
+    session_lifetime: float = 3600.0
+    max_errors: int = 10
+    max_auth_failures: int = 3
+    auth_failure_delay: float = 1.0
+    cram_md5: bool = False
+
+    @property
+    def implicit_tls(self) -> bool:
+        return self.role == "submissions"
+
+
+class _Stop:
+    """Returned by a command handler that already replied and must stop reading."""
+
+
+STOP = _Stop()
+
+
+@implementer(IHandshakeListener)
+class SMTPSession(ESMTP):
+    """One SMTP connection.  See the module docstring for what it hardens."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        policy: SessionPolicy,
+        portal: Any,
+        deliverer: IDeliverer,
+        clock: Any,
+        parse: Callable[..., Any],
+        trusted_account: Account | None = None,
+    ):
+        super().__init__(chal={}, contextFactory=policy.tls)
+        self.policy = policy
+        self.portal = portal
+        self.deliverer = deliverer
+        self.clock = clock
+        self.callLater = clock.callLater  # TimeoutMixin schedules through the injected clock.
+        self.parse = parse
+        self.trusted_account = trusted_account
+        self.host = policy.hostname.encode("ascii", "replace")
+        self.timeout = policy.command_timeout
+        self._buffer = b""
+        self._processing = False
+        self._blocked = False
+        self._reading_paused = False
+        self._closing = False
+        self._errors = 0
+        self._auth_failures = 0
+        self._auth: Any = None
+        self._tls_active = False
+        self._handshake_timer: Any = None
+        self._lifetime_timer: Any = None
+        self._reader: DataReader | None = None
+        self._spool: Any = None
+        self.account: Account | None = None
+        self.peer_ip = ""
+        self.messages_accepted = 0
+        self._reset_session()
+
+    # -- connection lifecycle ------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.peer_ip = getattr(peer, "host", str(peer))
+        self.setTimeout(self.policy.command_timeout)
+        self._lifetime_timer = self.clock.callLater(self.policy.session_lifetime, self._lifetime_over)
+        if self.policy.implicit_tls:
+            self._tls_active = True
+            self._start_handshake_timer()
+        self._send(Reply(220, "", f"{self.policy.hostname} ESMTP mailgate"))
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._closing = True
+        self.setTimeout(None)
+        for timer in (self._handshake_timer, self._lifetime_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._discard_data()
+        self.log.debug(
+            "session from {peer} closed: {accepted} message(s) accepted",
+            peer=self.peer_ip,
+            accepted=self.messages_accepted,
+        )
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: the TLS handshake finished; stop its timer."""
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+
+    def _start_handshake_timer(self) -> None:
+        self._handshake_timer = self.clock.callLater(
+            self.policy.tls_handshake_timeout, self._handshake_timed_out
+        )
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_timer = None
+        self._closing = True
+        self.transport.abortConnection()
+
+    def _lifetime_over(self) -> None:
+        self._lifetime_timer = None
+        self._close_with(replies.SESSION_TOO_LONG)
+
+    def timeoutConnection(self) -> None:
+        self._close_with(replies.IDLE_TIMEOUT)
+
+    def _close_with(self, reply: Reply) -> None:
+        if self._closing:
+            return
+        self._send(reply)
+        self._closing = True
+        self.setTimeout(None)
+        self.transport.loseConnection()
+
+    # -- output ----------------------------------------------------------------
+
+    def _send(self, reply: Reply) -> None:
+        if not self._closing:
+            self.transport.writeSequence([line + b"\r\n" for line in reply.lines()])
+
+    def _fail(self, reply: Reply) -> None:
+        """Send an error reply and enforce the per-session error limit (SECURITY.md 7)."""
+        self._errors += 1
+        if self._errors > self.policy.max_errors:
+            self._close_with(replies.TOO_MANY_ERRORS)
+        else:
+            self._send(reply)
+
+    # -- input framing -----------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self.resetTimeout()
+        self._buffer += data
+        self._process()
+
+    def _process(self) -> None:
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while self._buffer and not self._blocked and not self._closing:
+                if self._reader is not None:
+                    self._feed_data()
+                    continue
+                end = self._buffer.find(b"\r\n")
+                if end < 0:
+                    if len(self._buffer) > auth.MAX_AUTH_LINE:
+                        self._buffer = b""
+                        self._send(replies.LINE_TOO_LONG)
+                        self._close_with(replies.TOO_MANY_ERRORS)
+                    break
+                line = self._buffer[:end]
+                self._buffer = self._buffer[end + 2 :]
+                self._line(line)
+        finally:
+            self._processing = False
+        self._flow_control()
+
+    def _flow_control(self) -> None:
+        """Stop reading from a client that keeps sending while a reply is pending."""
+        should_pause = self._blocked and len(self._buffer) > PAUSE_READING_AT
+        if should_pause and not self._reading_paused:
+            self.transport.pauseProducing()
+            self._reading_paused = True
+        elif not should_pause and self._reading_paused:
+            self.transport.resumeProducing()
+            self._reading_paused = False
+
+    def _line(self, line: bytes) -> None:
+        if b"\n" in line or b"\r" in line:
+            # RFC 5321 §2.3.8: a bare LF is never a line ending; the whole thing is one bad line.
+            self._fail(replies.BARE_LF_COMMAND)
+            return
+        if self._auth is not None:
+            self._await(self._auth_response(line))
+            return
+        verb, _, argument = line.partition(b" ")
+        verb = verb.upper()
+        if len(line) + 2 > MAX_COMMAND_LINE and verb != b"AUTH":
+            self._fail(replies.LINE_TOO_LONG)
+            return
+        if not verb.isalpha() or not verb.isascii():
+            self._fail(replies.BAD_SYNTAX)
+            return
+        handler = getattr(self, "smtp_" + verb.decode("ascii"), None)
+        if handler is None:
+            self._fail(replies.NOT_IMPLEMENTED if verb in (b"EXPN", b"BDAT", b"ETRN", b"TURN") else replies.BAD_SYNTAX)
+            return
+        self._await(handler(argument.strip(b" ")))
+        if self._buffer and not self._closing and self._pipelining_violated(verb):
+            self._close_with(replies.PIPELINING_VIOLATION)
+
+    def _pipelining_violated(self, verb: bytes) -> bool:
+        """RFC 2920 §3.1: without PIPELINING no command may follow another unanswered;
+        EHLO/HELO/QUIT must end a group; input after a refused DATA would be read as
+        commands, so it ends the session instead (the pipelining half of smuggling)."""
+        if verb == b"DATA":
+            return self._reader is None
+        return not self._esmtp or verb in _SYNC_COMMANDS
+
+    def _await(self, result: Any) -> None:
+        """Answer a handler's result: a Reply, nothing, or a Deferred of a Reply."""
+        if isinstance(result, Reply):
+            if result.code >= 400:
+                self._fail(result)
+            else:
+                self._send(result)
+        elif isinstance(result, defer.Deferred):
+            self._blocked = True
+            self.setTimeout(None)  # Our own slowness is not the client's idle time.
+            result.addCallback(self._await_done)
+            result.addErrback(self._internal_error)
+
+    def _await_done(self, reply: Any) -> None:
+        if isinstance(reply, Reply):
+            self._send(reply)
+        self._unblock()
+
+    def _internal_error(self, failure: Failure) -> None:
+        self.log.failure("internal error in SMTP session from {peer}", failure, peer=self.peer_ip)
+        self._send(replies.LOCAL_ERROR)
+        self._unblock()
+
+    def _unblock(self) -> None:
+        self._blocked = False
+        if self._closing:
+            return
+        self.setTimeout(self.policy.data_timeout if self._reader else self.policy.command_timeout)
+        self._process()
+
+    # -- session state ---------------------------------------------------------
+
+    def _reset_session(self) -> None:
+        """Forget HELO and the transaction (EHLO, STARTTLS per RFC 3207 §4.2)."""
+        self._helo: str | None = None
+        self._esmtp = False
+        self._reset_transaction()
+
+    def _reset_transaction(self) -> None:
+        self._sender: envelope.Path | None = None
+        self._recipients: list[str] = []
+        self._transaction_account: Account | None = None
+
+    def _discard_data(self) -> None:
+        self._reader = None
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+
+    def _mail_account(self) -> Account | Reply:
+        """Who is sending: the login, or the trusted-network account on a relay listener."""
+        if self.account is not None:
+            return self.account
+        if self.policy.role != "relay" and not self._tls_active:
+            return replies.TLS_REQUIRED
+        if self.policy.role == "relay" and self.trusted_account is not None and self._peer_trusted():
+            return self.trusted_account
+        return replies.AUTH_REQUIRED
+
+    def _peer_trusted(self) -> bool:
+        try:
+            address = ipaddress.ip_address(self.peer_ip)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.policy.trusted_networks)
+
+    def _max_size(self, account: Account) -> int:
+        limit = self.policy.max_message_size
+        if account.max_message_size is not None:
+            limit = min(limit, account.max_message_size)
+        return limit
+
+    # -- commands (RFC 5321 §4.1.1) -------------------------------------------
+
+    def _greet(self, argument: bytes, esmtp: bool) -> Reply:
+        if not argument or len(argument) > 255 or not all(0x21 <= b <= 0x7E for b in argument):
+            # SECURITY.md 10: the argument lands in our Received header; it must be
+            # a plain domain or address literal, no spaces or control characters.
+            return replies.HELO_SYNTAX
+        self._reset_transaction()
+        self._helo = argument.decode("ascii")
+        self._esmtp = esmtp
+        greeting = f"{self.policy.hostname} greets {self._helo} [{self.peer_ip}]"
+        if not esmtp:
+            return Reply(250, "", greeting)
+        return Reply(250, "", "\n".join([greeting, *self._extensions()]))
+
+    def _extensions(self) -> list[str]:
+        extensions = [
+            f"SIZE {self.policy.max_message_size}",
+            "8BITMIME",
+            "PIPELINING",
+            "ENHANCEDSTATUSCODES",
+        ]
+        if self._starttls_available():
+            extensions.append("STARTTLS")
+        if self._tls_active and self.account is None:
+            extensions.append("AUTH " + " ".join(auth.mechanism_names(self.policy.cram_md5)))
+        return extensions
+
+    def _starttls_available(self) -> bool:
+        return (
+            not self._tls_active
+            and self.policy.tls is not None
+            and ITLSTransport.providedBy(self.transport)
+        )
+
+    def smtp_EHLO(self, argument: bytes) -> Reply:
+        return self._greet(argument, esmtp=True)
+
+    def smtp_HELO(self, argument: bytes) -> Reply:
+        return self._greet(argument, esmtp=False)
+
+    def smtp_NOOP(self, argument: bytes) -> Reply:
+        return replies.OK
+
+    def smtp_RSET(self, argument: bytes) -> Reply:
+        if argument:
+            return replies.PARAM_SYNTAX
+        self._reset_transaction()
+        return replies.RESET_OK
+
+    def smtp_VRFY(self, argument: bytes) -> Reply:
+        return replies.VRFY_NO if argument else replies.PARAM_SYNTAX
+
+    def smtp_HELP(self, argument: bytes) -> Reply:
+        return replies.HELP
+
+    def smtp_QUIT(self, argument: bytes) -> _Stop:
+        self._send(replies.SERVICE_CLOSING)
+        self._closing = True
+        self.setTimeout(None)
+        self.transport.loseConnection()
+        return STOP
+
+    def smtp_STARTTLS(self, argument: bytes) -> Reply | _Stop:
+        if argument:
+            return replies.PARAM_SYNTAX
+        if self._tls_active:
+            return replies.TLS_ALREADY
+        if not self._starttls_available():
+            return replies.TLS_UNAVAILABLE
+        self._send(replies.READY_TLS)
+        # RFC 3207 §4.2: discard anything sent before the handshake and forget
+        # everything learnt so far (SECURITY.md 1).
+        self._buffer = b""
+        self._reset_session()
+        self._auth = None
+        self._tls_active = True
+        self.transport.startTLS(self.policy.tls)
+        self._start_handshake_timer()
+        return STOP
+
+    def smtp_AUTH(self, argument: bytes) -> Any:
+        if not argument:
+            return replies.AUTH_NEEDS_ARGUMENT
+        if not self._esmtp:
+            return replies.EHLO_FIRST
+        if not self._tls_active:
+            return replies.ENCRYPTION_REQUIRED
+        if self.account is not None:
+            return replies.ALREADY_AUTHENTICATED
+        if self._sender is not None:
+            return replies.AUTH_IN_TRANSACTION
+        name, _, initial = argument.partition(b" ")
+        mechanism = auth.new_mechanism(
+            name.decode("ascii", "replace"), self.policy.hostname, self.policy.cram_md5
+        )
+        if mechanism is None:
+            return replies.UNKNOWN_MECHANISM
+        decoded: bytes | None = None
+        if initial:
+            if not mechanism.allows_initial_response:
+                return replies.AUTH_NO_INITIAL_RESPONSE
+            if initial == b"=":
+                decoded = b""  # RFC 4954 §4: "=" is an empty initial response.
+            else:
+                result = auth.decode_response(initial)
+                if isinstance(result, auth.Refused):
+                    return result.reply
+                decoded = result
+        return self._auth_step(mechanism, mechanism.start(decoded))
+
+    def _auth_response(self, line: bytes) -> Any:
+        mechanism = self._auth
+        self._auth = None
+        decoded = auth.decode_response(line)
+        if isinstance(decoded, auth.Refused):
+            return decoded.reply
+        return self._auth_step(mechanism, mechanism.respond(decoded))
+
+    def _auth_step(self, mechanism: Any, step: auth.Step) -> Any:
+        if isinstance(step, auth.Challenge):
+            self._auth = mechanism
+            self._send(Reply(334, "", base64.b64encode(step.data).decode("ascii")))
+            return None
+        if isinstance(step, auth.Refused):
+            return step.reply
+        if step.credentials is None:
+            return self._auth_failed(mechanism.name)
+        login = self.portal.login(step.credentials, None, IAccount)
+        login.addCallbacks(self._logged_in, self._login_failed, errbackArgs=(mechanism.name,))
+        return login
+
+    def _logged_in(self, result: tuple[Any, Account, Callable[[], None]]) -> Reply:
+        _, account, _ = result
+        self.account = account
+        self.log.info("AUTH success for account {account} from {peer}", account=account.name, peer=self.peer_ip)
+        return replies.AUTH_OK
+
+    def _login_failed(self, failure: Failure, mechanism: str) -> Any:
+        if failure.check(UnauthorizedLogin):
+            return self._auth_failed(mechanism)
+        self.log.failure("account store error during AUTH from {peer}", failure, peer=self.peer_ip)
+        return replies.AUTH_TEMPFAIL
+
+    def _auth_failed(self, mechanism: str) -> Any:
+        """Answer a failed login slowly, and close after too many (SECURITY.md 7)."""
+        self._auth_failures += 1
+        self.log.info(
+            "AUTH {mechanism} failure {count} from {peer}",
+            mechanism=mechanism,
+            count=self._auth_failures,
+            peer=self.peer_ip,
+        )
+        if self._auth_failures >= self.policy.max_auth_failures:
+            self._close_with(replies.TOO_MANY_AUTH_FAILURES)
+            return STOP
+        delay = self.policy.auth_failure_delay * self._auth_failures
+        return task.deferLater(self.clock, delay, lambda: replies.AUTH_FAILED)
+
+    def smtp_MAIL(self, argument: bytes) -> Reply:
+        if self._helo is None:
+            return replies.EHLO_FIRST
+        if self._sender is not None:
+            return replies.NESTED_MAIL
+        account = self._mail_account()
+        if isinstance(account, Reply):
+            return account
+        try:
+            path = envelope.parse_mail_from(argument)
+        except envelope.EnvelopeError as e:
+            return e.reply
+        for name, value in path.params.items():
+            if name == "SIZE":
+                if value is None or not value.isdigit() or len(value) > 20:
+                    return replies.PARAM_SYNTAX
+                if int(value) > self._max_size(account):
+                    return replies.MESSAGE_TOO_BIG
+            elif name == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    return replies.PARAM_SYNTAX
+            elif name != "AUTH":  # RFC 4954 §5: AUTH= may be ignored by a relay like us.
+                return replies.PARAM_NOT_RECOGNISED
+        if not account.sender_allowed(path.address):
+            return replies.SENDER_NOT_ALLOWED
+        self._sender = path
+        self._recipients = []
+        self._transaction_account = account
+        return replies.SENDER_OK
+
+    def smtp_RCPT(self, argument: bytes) -> Reply:
+        if self._sender is None or self._transaction_account is None:
+            return replies.NEED_MAIL
+        try:
+            path = envelope.parse_rcpt_to(argument)
+        except envelope.EnvelopeError as e:
+            return e.reply
+        if path.params:
+            return replies.PARAM_NOT_RECOGNISED
+        if any(existing.lower() == path.address.lower() for existing in self._recipients):
+            return replies.RECIPIENT_OK  # One copy per address, as RFC 5321 §3.3 allows.
+        limit = self._transaction_account.max_recipients or self.policy.max_recipients
+        if len(self._recipients) >= limit:
+            return replies.TOO_MANY_RECIPIENTS
+        self._recipients.append(path.address)
+        return replies.RECIPIENT_OK
+
+    def smtp_DATA(self, argument: bytes) -> Reply | None:
+        if argument:
+            return replies.PARAM_SYNTAX
+        if self._sender is None or self._transaction_account is None:
+            return replies.NEED_MAIL
+        if not self._recipients:
+            return replies.NEED_RCPT
+        self._spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
+        self._reader = DataReader(
+            self._spool, self._max_size(self._transaction_account), self.policy.line_endings
+        )
+        self.setTimeout(self.policy.data_timeout)
+        self._send(replies.START_DATA)
+        return None
+
+    # -- end of data -------------------------------------------------------------
+
+    def _feed_data(self) -> None:
+        assert self._reader is not None
+        data, self._buffer = self._buffer, b""
+        leftover = self._reader.feed(data)
+        if leftover is None:
+            return
+        self._buffer = leftover
+        self._await(self._end_of_data())
+
+    def _end_of_data(self) -> Any:
+        reader, spool = self._reader, self._spool
+        assert reader is not None and spool is not None
+        self._reader = self._spool = None
+        sender, recipients, account = self._sender, self._recipients, self._transaction_account
+        self._reset_transaction()
+        self.setTimeout(self.policy.command_timeout)
+        if reader.error is not None:
+            spool.close()
+            return reader.error
+        assert sender is not None and account is not None
+        queue_id = new_queue_id()
+        spool.seek(0)
+        raw = self._received_header(queue_id) + spool.read()
+        spool.close()
+        return defer.maybeDeferred(
+            self._deliver, queue_id, raw, sender.address, tuple(recipients), account
+        )
+
+    def _received_header(self, queue_id: str) -> bytes:
+        """RFC 5321 §4.4 trace header.  Recipients are deliberately omitted: naming
+        them would disclose Bcc recipients to every other recipient."""
+        protocol = "ESMTP" if self._esmtp else "SMTP"
+        if self._tls_active:
+            protocol += "S"
+        if self.account is not None:
+            protocol += "A"  # RFC 3848
+        date = email.utils.format_datetime(email.utils.localtime())
+        return (
+            f"Received: from {self._helo} ([{self.peer_ip}])\r\n"
+            f"\tby {self.policy.hostname} (mailgate) with {protocol} id {queue_id};\r\n"
+            f"\t{date}\r\n"
+        ).encode("ascii", "replace")
+
+    @defer.inlineCallbacks
+    def _deliver(self, queue_id: str, raw: bytes, sender: str, recipients: tuple[str, ...], account: Account) -> Any:
+        try:
+            email_ = yield self.parse(raw, sender, recipients, account.defaults)
+        except Exception as e:  # noqa: BLE001 - parse errors must become a reply, never a drop
+            self.log.info("message {queue_id} unparsable: {error}", queue_id=queue_id, error=str(e))
+            return replies.UNPARSABLE_MESSAGE
+        if account.allowed_senders:
+            from_address = email_.from_.address if email_.from_ is not None else ""
+            if not account.sender_allowed(from_address):
+                return replies.FROM_NOT_ALLOWED
+        outcome = yield self.deliverer.deliver(email_, account, queue_id)
+        reply = outcome.reply()
+        self.log.info(
+            "message {queue_id} account={account} recipients={count} size={size}: {reply}",
+            queue_id=queue_id,
+            account=account.name,
+            count=len(recipients),
+            size=len(raw),
+            reply=str(reply),
+        )
+        if reply.is_success:
+            self.messages_accepted += 1
+        return reply
+
+
+class SMTPSessionFactory(SMTPFactory):
+    """Builds :class:`SMTPSession` objects for one listener."""
+
+    protocol = SMTPSession  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        policy: SessionPolicy,
+        portal: Any,
+        deliverer: IDeliverer,
+        clock: Any,
+        parse: Callable[..., Any],
+        trusted_account: Account | None = None,
+    ):
+        super().__init__(portal)
+        self.policy = policy
+        self.deliverer = deliverer
+        self.clock = clock
+        self.parse = parse
+        self.trusted_account = trusted_account
+        self.domain = policy.hostname.encode("ascii", "replace")
+
+    def buildProtocol(self, addr: Any) -> SMTPSession:
+        session = SMTPSession(
+            self.policy, self.portal, self.deliverer, self.clock, self.parse, self.trusted_account
+        )
+        session.factory = self
+        return session

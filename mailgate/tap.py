@@ -1,0 +1,80 @@
+"""``twistd mailgate`` / ``twist mailgate``: options (parse only) and makeService.
+
+The reactor is imported inside :func:`makeService`, never at import time, so
+that twistd can install the reactor it was asked for (STYLE.md, Twisted's own
+plugins).  A configuration error prints one line naming the key and exits
+non-zero, without a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import IService, Service
+from twisted.logger import Logger
+from twisted.python import usage
+
+from mailgate.configvalues import ConfigError
+from mailgate.devdefault import DEV_STATE_DIR
+
+log = Logger()
+
+
+class Options(usage.Options):
+    synopsis = "[--config PATH]"
+    longdesc = (
+        "Run the mailgate SMTP gateway.  Without --config, a development default "
+        "listens on 127.0.0.1 ports 2525 (relay), 2587 (submission) and 2465 "
+        "(submissions) and captures API requests as JSON files."
+    )
+    optParameters = [
+        ["config", "c", None, "Path to mailgate.toml (see etc/mailgate.toml.example)."],
+        ["state-dir", None, DEV_STATE_DIR, "State directory of the development default."],
+    ]
+
+
+class _ClosePool(Service):
+    """Closes the HTTP connection pool when the gateway stops."""
+
+    def __init__(self, pool: Any):
+        self.pool = pool
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.pool.closeCachedConnections()
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+    from twisted.web.client import Agent, HTTPConnectionPool
+    from treq.client import HTTPClient
+
+    from mailgate.build import build_service
+    from mailgate.config import load_config
+    from mailgate.devdefault import development_setup
+    from mailgate.tls import TLSConfigError
+
+    try:
+        if options["config"]:
+            config = load_config(Path(options["config"]))
+        else:
+            config, username, password = development_setup(Path(options["state-dir"]))
+            log.info(
+                "development mode: account {username!r} password {password!r} "
+                "(kept in {state}/dev-password); captured API requests go to {state}/captured",
+                username=username,
+                password=password,
+                state=str(config.server.state_dir),
+            )
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = 32
+        pool.cachedConnectionTimeout = 120
+        client = HTTPClient(Agent(reactor, pool=pool, connectTimeout=10))
+        service = build_service(config, reactor, client)
+    except (ConfigError, TLSConfigError) as e:
+        sys.stderr.write(f"mailgate: configuration error: {e}\n")
+        raise SystemExit(1) from None
+    _ClosePool(pool).setServiceParent(service)
+    return service

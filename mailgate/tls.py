@@ -1,0 +1,243 @@
+"""TLS server configuration for the SMTP listeners.
+
+Submission on 465 uses implicit TLS (RFC 8314, which prefers it over
+STARTTLS); 25 and 587 upgrade in-band with STARTTLS (RFC 3207).  Both paths
+share one configuration, modelled on Mozilla's "intermediate" server profile
+(https://wiki.mozilla.org/Security/Server_Side_TLS): TLS 1.2 or newer, and on
+TLS 1.2 only forward-secret (ECDHE) AEAD suites -- no CBC, no RSA key
+exchange, no SHA-1 MACs.  TLS 1.3 suites are OpenSSL's defaults, all of which
+meet that bar.  The DHE suites of the Mozilla list are left out so no DH
+parameter file is needed; every client that lacks ECDHE also lacks TLS 1.2.
+
+Cipher order: Mozilla says the server may leave the choice to the client.
+Twisted always sets OP_CIPHER_SERVER_PREFERENCE; we keep it, since every suite
+offered is one we are content with and the list is in Mozilla's order.
+
+Certificates are reloadable (``ReloadableContextFactory.reload``) so renewed
+certificates take effect without a restart.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
+from zope.interface import implementer
+
+MOZILLA_INTERMEDIATE_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+
+DEV_CERT_NAME = "dev-cert.pem"
+DEV_KEY_NAME = "dev-key.pem"
+DEV_CERT_LIFETIME = timedelta(days=365)
+DEV_CERT_RENEW_BEFORE = timedelta(days=30)
+
+
+class TLSConfigError(Exception):
+    """The TLS certificate or key cannot be used; the message names the file."""
+
+
+def server_context_factory(certificate: Path, private_key: Path) -> CertificateOptions:
+    """Server TLS options from a PEM chain (leaf first) and its PEM private key."""
+    chain = _load_certificate_chain(certificate)
+    key = _load_private_key(private_key)
+    _check_key_matches(chain[0], key, certificate, private_key)
+    try:
+        options = CertificateOptions(
+            certificate=chain[0],
+            privateKey=key,
+            extraCertChain=chain[1:],
+            acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(
+                MOZILLA_INTERMEDIATE_CIPHERS
+            ),
+            raiseMinimumTo=TLSVersion.TLSv1_2,
+        )
+        options.getContext()  # build now, so OpenSSL objections surface at start-up
+    except (SSL.Error, ValueError) as error:
+        message = f"TLS certificate {certificate}: rejected by OpenSSL: {error}"
+        raise TLSConfigError(message) from error
+    return options
+
+
+def certificate_expiry(certificate: Path) -> datetime:
+    """When the leaf (first) certificate in ``certificate`` expires, in UTC."""
+    return _load_certificate_chain(certificate)[0].not_valid_after_utc
+
+
+# The interface declaration is what makes TLSMemoryBIOFactory (behind both
+# listenSSL and startTLS) call serverConnectionForTLS; undeclared objects fall
+# back to the legacy getContext() path with a LegacyContextFactoryWarning.
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadableContextFactory:
+    """Server TLS options whose certificate and key can be re-read while running.
+
+    Usable with ``listenSSL`` / TLS endpoints and with ``transport.startTLS``:
+    both wrap it in ``TLSMemoryBIOFactory``, which calls ``serverConnectionForTLS``
+    once per connection, so a reload affects new handshakes only.
+    """
+
+    def __init__(self, certificate: Path, private_key: Path) -> None:
+        self.certificate = certificate
+        self.private_key = private_key
+        self.options = server_context_factory(certificate, private_key)
+
+    def reload(self) -> None:
+        """Re-read the files; on TLSConfigError the current options stay in use."""
+        self.options = server_context_factory(self.certificate, self.private_key)
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        return self.options.serverConnectionForTLS(tlsProtocol)
+
+
+def ensure_dev_certificate(state_dir: Path, hostname: str) -> tuple[Path, Path]:
+    """A usable self-signed (certificate, key) pair under ``state_dir/tls``.
+
+    Reuses the existing pair unless it is unusable, lacks ``hostname``, or
+    expires within 30 days; otherwise generates a fresh one.
+    """
+    tls_dir = state_dir / "tls"
+    cert_path, key_path = tls_dir / DEV_CERT_NAME, tls_dir / DEV_KEY_NAME
+    if _dev_certificate_usable(cert_path, key_path, hostname):
+        return cert_path, key_path
+
+    tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    cert_pem = _self_signed_certificate(key, hostname).public_bytes(serialization.Encoding.PEM)
+    # Key first: should we die in between, the old certificate no longer
+    # matches the key and the next call regenerates both.
+    _write_atomically(key_path, key_pem, 0o600)
+    _write_atomically(cert_path, cert_pem, 0o644)
+    return cert_path, key_path
+
+
+def _load_certificate_chain(path: Path) -> list[x509.Certificate]:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise TLSConfigError(f"TLS certificate {path}: cannot read: {error.strerror}") from error
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise TLSConfigError(f"TLS certificate {path}: no valid PEM certificate found") from None
+
+
+def _load_private_key(path: Path) -> PrivateKeyTypes:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise TLSConfigError(f"TLS private key {path}: cannot read: {error.strerror}") from error
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise TLSConfigError(f"TLS private key {path}: encrypted keys are not supported") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise TLSConfigError(f"TLS private key {path}: no valid PEM private key found") from None
+
+
+def _check_key_matches(
+    leaf: x509.Certificate, key: object, certificate: Path, private_key: Path
+) -> None:
+    def spki(public_key: object) -> bytes:
+        return public_key.public_bytes(  # type: ignore[attr-defined]
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    if spki(leaf.public_key()) != spki(key.public_key()):  # type: ignore[attr-defined]
+        raise TLSConfigError(
+            f"TLS private key {private_key} does not match the first certificate in "
+            f"{certificate} (the leaf certificate must come first)"
+        )
+
+
+def _dev_certificate_usable(cert_path: Path, key_path: Path, hostname: str) -> bool:
+    try:
+        server_context_factory(cert_path, key_path)
+        leaf = _load_certificate_chain(cert_path)[0]
+        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (TLSConfigError, x509.ExtensionNotFound):
+        return False
+    fresh = leaf.not_valid_after_utc - datetime.now(UTC) > DEV_CERT_RENEW_BEFORE
+    return fresh and hostname in names.get_values_for_type(x509.DNSName)
+
+
+def _self_signed_certificate(key: ec.EllipticCurvePrivateKey, hostname: str) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.now(UTC)
+    alt_names = [
+        *(x509.DNSName(dns) for dns in dict.fromkeys([hostname, "localhost"])),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+    ]
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + DEV_CERT_LIFETIME)
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def _write_atomically(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(tmp, mode)  # O_CREAT's mode is filtered by the umask
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
