@@ -228,7 +228,7 @@ class _Collector:
             if value and len(value) <= MAX_VALUE_LENGTH:
                 self.set_scalar(field, rank, value)
         elif kind == _VARIABLES:
-            for var_key, var_value in _json_object_items(value):
+            for var_key, var_value in _json_object_items(value) or ():
                 if not isinstance(var_value, str):
                     var_value = json.dumps(var_value, separators=(",", ":"), ensure_ascii=False)
                 self.add_metadata(var_key, var_value)

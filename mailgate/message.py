@@ -34,6 +34,7 @@ import re
 from collections.abc import Mapping, Sequence
 from email import policy as email_policy
 from email.generator import BytesGenerator
+from email.headerregistry import BaseHeader, HeaderRegistry
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from email.utils import collapse_rfc2231_value, getaddresses
@@ -66,9 +67,32 @@ MAX_DEPTH = 32
 #: with 140 multipart containers.
 MAX_PARSE_WORK = 20_000_000
 
-_PARSER = BytesParser(policy=email_policy.default)
 # Re-serialising attached messages: keep header lines as they were.
 _GENERATOR_POLICY = email_policy.default.clone(linesep="\r\n", refold_source="none")
+
+
+
+class _CachingHeaderFactory:
+    """``policy.default``'s header factory, memoised for one message.
+
+    The stdlib re-parses a header (e.g. Content-Type, through the RFC 5322
+    parser in ``email._header_value_parser``) on *every* access, and the feed
+    parser and ``get_body`` access Content-Type many times per part; caching
+    the immutable header objects makes parsing about three times faster.  One
+    instance per message, so the cache lives and dies with it.
+    """
+
+    def __init__(self) -> None:
+        self._registry = HeaderRegistry()
+        self._cache: dict[tuple[str, str], BaseHeader] = {}
+
+    def __call__(self, name: str, value: str) -> BaseHeader:
+        key = (name.lower(), value)
+        header = self._cache.get(key)
+        if header is None:
+            header = self._cache[key] = self._registry(name, value)
+        return header
+
 
 # Headers the model carries in dedicated fields, trace headers, and Bcc.
 _STRUCTURAL = frozenset(
@@ -150,7 +174,8 @@ def _parse(
     lines = max(raw.count(b"\n"), raw.count(b"\r")) + 1
     if lines * len(_MULTIPART.findall(raw)) > MAX_PARSE_WORK:
         raise MessageParseError("MIME structure too complex for the message size")
-    msg = _PARSER.parsebytes(raw)
+    policy = email_policy.default.clone(header_factory=_CachingHeaderFactory())
+    msg = BytesParser(policy=policy).parsebytes(raw)
     assert isinstance(msg, EmailMessage)
 
     leaves, related_leaves = _walk(msg)

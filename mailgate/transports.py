@@ -62,7 +62,9 @@ class TreqTransport:
         def finished(result: Any) -> Any:
             if timer.active():
                 timer.cancel()
-            if timed_out and isinstance(result, Failure) and result.check(defer.CancelledError):
+            if timed_out and isinstance(result, Failure):
+                # Cancelling surfaces as CancelledError or, mid-response, as treq's
+                # ResponseNeverReceived wrapping it: either way the API was too slow.
                 raise APITimeout(f"no answer within {self.timeout:g} s")
             return result
 
