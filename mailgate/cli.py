@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import os
 import sys
-import tempfile
 import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,6 +28,7 @@ import tomli_w
 
 from mailgate import passwords
 from mailgate.accounts.filestore import parse_account
+from mailgate.atomicfile import write_atomically
 from mailgate.configvalues import ConfigError
 
 __all__ = ["main"]
@@ -310,52 +309,10 @@ def _announce(secret: str, generated: bool) -> None:
 
 def _write_accounts(path: Path, document: dict[str, Any]) -> None:
     """Replace ``path`` atomically with ``document`` (mode 0600, previous owner kept)."""
-    data = tomli_w.dumps(document).encode("utf-8")
-    directory = path.parent
     try:
-        previous = os.stat(path)
-    except FileNotFoundError:
-        previous = None
+        write_atomically(path, tomli_w.dumps(document).encode("utf-8"), mode=0o600)
     except OSError as e:
         raise CommandError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise CommandError(f"cannot write in {directory}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)
-            if previous is not None:
-                try:
-                    os.fchown(f.fileno(), previous.st_uid, previous.st_gid)
-                except PermissionError:
-                    pass  # not root: the file stays ours, as it already was
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except OSError as e:
-        _remove_quietly(temporary)
-        raise CommandError(f"cannot write {path}: {e.strerror or e}") from None
-    except BaseException:
-        _remove_quietly(temporary)
-        raise
-    _fsync_directory(directory)
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 if __name__ == "__main__":

@@ -33,12 +33,12 @@ import quopri
 import re
 from collections.abc import Mapping, Sequence
 from email import policy as email_policy
-from email.generator import BytesGenerator
+from email.generator import BytesGenerator, Generator
 from email.headerregistry import BaseHeader, HeaderRegistry
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from email.utils import collapse_rfc2231_value, getaddresses
-from io import BytesIO
+from io import BytesIO, StringIO
 
 from mailgate.controls import extract_controls, is_control_header
 from mailgate.model import Attachment, EmailAddress, OutboundEmail
@@ -359,8 +359,17 @@ def _content_id(part: Message) -> str | None:
 def _message_part_bytes(part: Message) -> bytes:
     """Bytes of an attached message (RFC 2046 §5.2), re-serialised by the stdlib."""
     buffer = BytesIO()
-    BytesGenerator(buffer, policy=_GENERATOR_POLICY).flatten(part)
-    data = buffer.getvalue()
+    try:
+        BytesGenerator(buffer, policy=_GENERATOR_POLICY).flatten(part)
+        data = buffer.getvalue()
+    except Exception:  # noqa: BLE001 - the stdlib generator chokes on some malformed trees
+        # The text generator has no ASCII-only write step; encode what it makes.
+        text = StringIO()
+        try:
+            Generator(text, policy=_GENERATOR_POLICY).flatten(part)
+        except Exception:  # noqa: BLE001 - unrepresentable: keep the part, empty
+            return b""
+        data = text.getvalue().encode("utf-8", "surrogateescape")
     sep = data.find(b"\r\n\r\n")
     body = data[sep + 4 :] if sep >= 0 else b""
     # RFC 2046 forbids encoding message/rfc822, but clients do it.

@@ -54,6 +54,7 @@ import struct
 from typing import NamedTuple
 
 __all__ = [
+    "DEFAULT_SCRYPT_COST",
     "SCRYPT_COST",
     "ScryptCost",
     "cram_md5_state",
@@ -75,11 +76,13 @@ class ScryptCost(NamedTuple):
     p: int
 
 
-#: The cost :func:`hash_password` uses.  Production code never changes it.
-#: Tests lower it (``monkeypatch.setattr(passwords, "SCRYPT_COST", ...)``) so
-#: that a test suite that hashes many passwords stays fast; the stored string
-#: records the cost, so such hashes still verify.
-SCRYPT_COST = ScryptCost(ln=15, r=8, p=3)
+#: The production cost (see the module docstring).
+DEFAULT_SCRYPT_COST = ScryptCost(ln=15, r=8, p=3)
+#: The cost :func:`hash_password` uses; production code never changes it.
+#: Tests lower it (``monkeypatch.setattr(passwords, "SCRYPT_COST", ...)``, done
+#: suite-wide in ``tests/conftest.py``) so that hashing many passwords stays
+#: fast; the stored string records the cost, so such hashes still verify.
+SCRYPT_COST = DEFAULT_SCRYPT_COST
 
 API_KEY_PREFIX = "mg_"
 

@@ -24,12 +24,6 @@ EXAMPLE = Path(__file__).parent.parent / "etc" / "accounts.toml.example"
 CHALLENGE = b"<12345.67890@mail.example.com>"
 
 
-@pytest.fixture(autouse=True)
-def cheap_scrypt(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Hash test passwords at a tiny scrypt cost."""
-    monkeypatch.setattr(passwords, "SCRYPT_COST", passwords.ScryptCost(ln=4, r=8, p=1))
-
-
 class SyncRunner:
     """A run_in_thread that runs the function at once and counts calls."""
 

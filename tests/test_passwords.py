@@ -19,8 +19,10 @@ RFC2195_SECRET = "tanstaaftanstaaf"
 RFC2195_DIGEST = "b913a602c7eda7a495b4e6e7334d3890"
 
 
-def test_default_scrypt_cost_follows_owasp() -> None:
-    """Passwords are hashed at N=2**15, r=8, p=3 by default, and such hashes verify."""
+def test_default_scrypt_cost_follows_owasp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Production hashes passwords at N=2**15, r=8, p=3, and such hashes verify."""
+    assert passwords.DEFAULT_SCRYPT_COST == ScryptCost(ln=15, r=8, p=3)
+    monkeypatch.setattr(passwords, "SCRYPT_COST", passwords.DEFAULT_SCRYPT_COST)
     stored = passwords.hash_password("correct horse")
     assert stored.startswith("scrypt$ln=15,r=8,p=3$")
     assert passwords.verify_secret(stored, "correct horse")
@@ -116,7 +118,8 @@ def test_decoy_hash_matches_nothing_at_the_same_cost() -> None:
     assert passwords.hash_scheme(decoy) == "scrypt"
     assert not passwords.verify_secret(decoy, "pw")
     assert passwords.hash_scheme(passwords.decoy_hash(passwords.hash_api_key("k"))) == "sha256"
-    assert passwords.decoy_hash().startswith("scrypt$ln=15,r=8,p=3$")
+    ln, r, p = passwords.SCRYPT_COST
+    assert passwords.decoy_hash().startswith(f"scrypt$ln={ln},r={r},p={p}$")
 
 
 def test_cram_md5_state_matches_dovecot() -> None:

@@ -311,7 +311,7 @@ class FileAccountStore:
         return self._path
 
     @property
-    def supports_cram_md5(self) -> bool:  # type: ignore[override]
+    def supports_cram_md5(self) -> bool:
         """True when at least one account has a CRAM-MD5 state."""
         return any(entry.cram_md5 for entry in self._entries.values())
 
