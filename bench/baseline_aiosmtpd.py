@@ -221,7 +221,8 @@ class RelayHandler:
 
     async def handle_DATA(self, server: SMTP, session, envelope) -> str:
         queue_id = uuid.uuid4().hex[:16]
-        account = session.login_data.decode("utf-8", "replace") if session.login_data else ""
+        auth_data = session.auth_data
+        account = auth_data.login.decode("utf-8", "replace") if isinstance(auth_data, LoginPassword) else ""
         try:
             document = email_document(envelope.content, envelope.mail_from, envelope.rcpt_tos, account, queue_id)
         except Exception as e:  # noqa: BLE001

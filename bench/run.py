@@ -264,6 +264,9 @@ def main() -> int:
     parser.add_argument("--only", choices=("mailgate", "baseline"), default=None, help="run one server only")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     parser.add_argument("--json-out", default=None, help="also write all raw results here")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="after the measured runs, run each scenario once more per server under "
+                             "py-spy (pip install py-spy) and write collapsed stacks + a hotspot summary to DIR")
     args = parser.parse_args()
     oneshot_total = args.oneshot_total or (40 if args.auth == "password" else 500)
 
@@ -343,6 +346,8 @@ def main() -> int:
         report(results, servers, args, oneshot_total, elapsed, stats)
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(results, indent=1))
+        if args.profile:
+            profile(Path(args.profile), servers, scenarios, common, sink.pid, args.scenarios)
         return 0
     finally:
         procs.stop_all()
@@ -350,6 +355,59 @@ def main() -> int:
             print(f"# kept {tmp}", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def profile(directory: Path, servers, scenarios, common, sink_pid, which) -> None:
+    """Sample each server with py-spy during one more run of each scenario (not measured)."""
+    pyspy = shutil.which("py-spy") or str(Path(PYTHON).with_name("py-spy"))
+    directory.mkdir(parents=True, exist_ok=True)
+    for scenario in which:
+        mode, extra = scenarios[scenario]
+        for name, (port, proc) in servers.items():
+            out = directory / f"{scenario}-{name}.txt"
+            spy = subprocess.Popen([pyspy, "record", "--pid", str(proc.pid), "--rate", "250", "--format", "raw",
+                                    "--threads", "--output", str(out)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)
+            try:
+                loadgen([mode, "--port", str(port), *common, *extra], proc.pid, sink_pid)
+            finally:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(30)
+            summary = directory / f"{scenario}-{name}-top.txt"
+            summary.write_text(hotspots(out))
+            print(f"# profile {scenario}/{name}: {out} (summary {summary})", file=sys.stderr)
+
+
+def hotspots(collapsed: Path, top: int = 40) -> str:
+    """Self time and inclusive time per frame ("function (file:line)") from py-spy raw output."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [f for f in stack.split(";") if not f.startswith("thread (") and not f.startswith("process ")]
+        if not frames:
+            continue
+        total += count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        # inclusive by function (file, no line) so recursion/lines are not double counted
+        seen = set()
+        for frame in frames:
+            key = frame.rsplit(":", 1)[0] if frame.endswith(")") else frame
+            if key not in seen:
+                seen.add(key)
+                inclusive[key] = inclusive.get(key, 0) + count
+    lines = [f"{total} samples", "", "SELF (frame with line):"]
+    for frame, count in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"{100.0 * count / total:6.2f}%  {frame}")
+    lines += ["", "INCLUSIVE (function):"]
+    for frame, count in sorted(inclusive.items(), key=lambda kv: -kv[1])[: top * 2]:
+        lines.append(f"{100.0 * count / total:6.2f}%  {frame}")
+    return "\n".join(lines) + "\n"
 
 
 def med(runs: list[dict], key: str) -> float:

@@ -55,7 +55,10 @@ class DataReader:
             newline = buf.find(b"\n", pos)
             if newline < 0:
                 rest = buf[pos:]
-                if len(rest) > MAX_LINE + 1:
+                # A complete line may hold MAX_LINE octets plus a stuffed leading
+                # dot and the CR of its CRLF; only beyond that is it certainly too
+                # long, whatever the packet boundaries (same verdict as _line).
+                if len(rest) > MAX_LINE + 2:
                     # Keep only the last octet (it may be the CR of a CRLF) so that
                     # memory stays bounded however long the line runs.
                     self._fail(replies.DATA_LINE_TOO_LONG)

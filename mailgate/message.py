@@ -71,7 +71,6 @@ MAX_PARSE_WORK = 20_000_000
 _GENERATOR_POLICY = email_policy.default.clone(linesep="\r\n", refold_source="none")
 
 
-
 class _CachingHeaderFactory:
     """``policy.default``'s header factory, memoised for one message.
 
@@ -79,18 +78,27 @@ class _CachingHeaderFactory:
     parser in ``email._header_value_parser``) on *every* access, and the feed
     parser and ``get_body`` access Content-Type many times per part; caching
     the immutable header objects makes parsing about three times faster.  One
-    instance per message, so the cache lives and dies with it.
+    instance per message, so the cache lives and dies with it.  The header
+    classes, which ``HeaderRegistry`` rebuilds with ``type()`` on every call,
+    are shared process-wide (one per registered class, so the set is bounded).
     """
 
+    _registry = HeaderRegistry()
+    _classes: dict[type, type] = {}
+
     def __init__(self) -> None:
-        self._registry = HeaderRegistry()
         self._cache: dict[tuple[str, str], BaseHeader] = {}
 
     def __call__(self, name: str, value: str) -> BaseHeader:
         key = (name.lower(), value)
         header = self._cache.get(key)
         if header is None:
-            header = self._cache[key] = self._registry(name, value)
+            registry = self._registry
+            base = registry.registry.get(key[0], registry.default_class)
+            cls = self._classes.get(base)
+            if cls is None:
+                cls = self._classes[base] = registry[key[0]]
+            header = self._cache[key] = cls(name, value)
         return header
 
 

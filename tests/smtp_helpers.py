@@ -30,7 +30,6 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
 from twisted.logger import globalLogPublisher
 from zope.interface import implementer
-from zope.interface.verify import verifyObject
 
 from mailgate.accounts.account import Account
 from mailgate.accounts.memory import MemoryAccountStore
@@ -130,15 +129,6 @@ class FakeDeliverer:
         if self.outcome is not None:
             d.callback(self.outcome)
         return d
-
-
-@implementer(IDeliverer)
-class _Dummy:  # pragma: no cover - only here so verifyObject is exercised at import
-    def deliver(self, email: Any, account: Any, queue_id: str) -> Any:
-        return None
-
-
-verifyObject(IDeliverer, FakeDeliverer())
 
 
 class BrokenStore(MemoryAccountStore):
@@ -370,11 +360,12 @@ class LogCapture:
 def captured_log():  # type: ignore[no-untyped-def]
     """Capture twisted.logger events; fail the test on an unexpected logged failure."""
     capture = LogCapture()
-    globalLogPublisher.addObserver(capture.events.append)
+    observer = capture.events.append
+    globalLogPublisher.addObserver(observer)
     try:
         yield capture
     finally:
-        globalLogPublisher.removeObserver(capture.events.append)
+        globalLogPublisher.removeObserver(observer)
     failures = capture.failures()
     assert len(failures) == capture.expected_failures, [
         event["log_failure"].getTraceback() for event in failures

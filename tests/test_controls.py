@@ -203,7 +203,15 @@ def test_metadata_first_key_wins_case_insensitively() -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["", "not json", "[1, 2]", '"string"', "{", "[" * 5000 + "]" * 5000, json.dumps({"k": "x" * MAX_JSON_LENGTH})],
+    [
+        "",
+        "not json",
+        "[1, 2]",
+        '"string"',
+        "{",
+        "[" * 5000 + "]" * 5000,
+        json.dumps({"k": "x" * MAX_JSON_LENGTH}),
+    ],
 )
 def test_bad_json_ignored(value: str) -> None:
     """Invalid, non-object, too deep or too long JSON in X-Mailgun-Variables / X-SMTPAPI is ignored."""
@@ -219,7 +227,7 @@ def test_metadata_empty_key_ignored() -> None:
 def test_limits() -> None:
     """Tags and metadata are capped; over-long values are ignored, not truncated."""
     headers = [("X-Mailgate-Tag", f"t{i}") for i in range(MAX_TAGS + 5)]
-    headers += [("X-Mailgate-Metadata-k%d" % i, "v") for i in range(MAX_METADATA + 5)]
+    headers += [(f"X-Mailgate-Metadata-k{i}", "v") for i in range(MAX_METADATA + 5)]
     headers += [("X-Mailgate-Stream", "s" * (MAX_VALUE_LENGTH + 1))]
     headers += [("X-PM-Tag", "x" * (MAX_VALUE_LENGTH + 1))]
     controls = extract_controls(headers)

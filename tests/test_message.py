@@ -477,7 +477,9 @@ def test_broken_multipart_is_attachment() -> None:
     raw = crlf("Content-Type: multipart/mixed\n\nsome text\n")
     email_ = parse_message(raw, "", [])
     assert email_.text is None
-    assert email_.attachments == (Attachment(None, "application/octet-stream", crlf("some text\n")),)
+    assert email_.attachments == (
+        Attachment(None, "application/octet-stream", crlf("some text\n")),
+    )
 
 
 # --- raw filtering -------------------------------------------------------------
@@ -494,7 +496,7 @@ def test_raw_filter_folded_and_body_exact() -> None:
     body = b"Bcc: in body stays\r\nX-PM-Tag: also stays\r\n\r\n\x00\xff binary \r\n.\r\n"
     raw = (
         b"From: a@example.com\r\nBcc: one@example.com,\r\n\ttwo@example.com\r\n"
-        b"x-pm-tag: t\r\nSubject: s\r\nX-SMTPAPI: {\"a\":\r\n 1}\r\n"
+        b'x-pm-tag: t\r\nSubject: s\r\nX-SMTPAPI: {"a":\r\n 1}\r\n'
         b"Content-Type: application/octet-stream\r\n\r\n" + body
     )
     email_ = parse_message(raw, "", [])
@@ -644,7 +646,7 @@ def test_mime_like_bytes_never_crash(raw: bytes) -> None:
         # The byte-level filter and the parser agree on what the headers are.
         forwarded = email.message_from_bytes(result.raw, policy=policy.default)
         assert forwarded.get_all("bcc") is None
-        assert all(not name.lower().startswith("x-pm-") for name in forwarded.keys())
+        assert all(not name.lower().startswith("x-pm-") for name in forwarded)
         assert all(not name.lower().startswith("x-pm-") for name, _ in result.headers)
 
 
