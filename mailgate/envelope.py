@@ -73,6 +73,10 @@ def _parse(argument: bytes, keyword: bytes, allow_null: bool, bad: Reply) -> Pat
         # Many clients omit the brackets; accept a bare address (as Postfix does
         # with strict_rfc821_envelopes = no).
         path, _, params_text = text.partition(" ")
+        if not path:
+            # "MAIL FROM:" with nothing after it is a missing path, not the null
+            # reverse-path, which must be written "<>" (RFC 5321 §4.1.2).
+            raise EnvelopeError(bad)
     if len(path) > MAX_PATH:
         raise EnvelopeError(bad)
     if path.startswith("@"):

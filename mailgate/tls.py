@@ -20,8 +20,6 @@ certificates take effect without a restart.
 from __future__ import annotations
 
 import ipaddress
-import os
-import secrets
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -35,6 +33,8 @@ from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
 from zope.interface import implementer
+
+from mailgate.atomicfile import write_atomically
 
 MOZILLA_INTERMEDIATE_CIPHERS = ":".join(
     [
@@ -130,8 +130,8 @@ def ensure_dev_certificate(state_dir: Path, hostname: str) -> tuple[Path, Path]:
     cert_pem = _self_signed_certificate(key, hostname).public_bytes(serialization.Encoding.PEM)
     # Key first: should we die in between, the old certificate no longer
     # matches the key and the next call regenerates both.
-    _write_atomically(key_path, key_pem, 0o600)
-    _write_atomically(cert_path, cert_pem, 0o644)
+    write_atomically(key_path, key_pem, 0o600)
+    write_atomically(cert_path, cert_pem, 0o644)
     return cert_path, key_path
 
 
@@ -221,23 +221,3 @@ def _self_signed_certificate(key: ec.EllipticCurvePrivateKey, hostname: str) -> 
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-
-
-def _write_atomically(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(tmp, mode)  # O_CREAT's mode is filtered by the umask
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

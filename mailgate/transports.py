@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from mailgate.atomicfile import write_atomically
 from mailgate.interfaces import ITransport
 from mailgate.providers.base import HTTPRequest, HTTPResponse
 
@@ -124,9 +124,7 @@ class CaptureTransport:
             "body": body,
         }
         target = self.folder / f"{key}.json"
-        descriptor, temporary = tempfile.mkstemp(dir=self.folder, prefix=".capture-", suffix=".tmp")
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            json.dump(document, handle, ensure_ascii=False, indent=2)
-        os.replace(temporary, target)
+        data = json.dumps(document, ensure_ascii=False, indent=2).encode("utf-8")
+        write_atomically(target, data, mode=0o640, durable=False)
         payload = json.dumps({"id": key, "file": str(target)}).encode()
         return HTTPResponse(200, (("Content-Type", "application/json"),), payload)
