@@ -115,6 +115,12 @@ class PasswordChecker:
         return ok and known
 
 
+_STRUCTURAL = frozenset(
+    {"from", "to", "cc", "bcc", "resent-bcc", "reply-to", "subject", "message-id", "date",
+     "mime-version", "return-path", "received"}
+)
+
+
 def _addresses(msg: EmailMessage, name: str) -> list[dict[str, str]]:
     out = []
     for value in msg.get_all(name, []):
@@ -142,6 +148,18 @@ def email_document(raw: bytes, mail_from: str, rcpt_tos: list[str], account: str
             }
         )
     from_ = _addresses(msg, "From")
+    to, cc = _addresses(msg, "To"), _addresses(msg, "Cc")
+    # Envelope recipients not named in To/Cc are the Bcc recipients (as mailgate does).
+    named = {a["address"].lower() for a in to + cc}
+    bcc = [{"name": "", "address": r} for r in rcpt_tos if r.lower() not in named]
+    # Like mailgate, the document's "headers" holds only the fields that have no
+    # dedicated key (not From/To/Subject/..., not Content-*, not trace fields).
+    headers = [
+        {"name": name, "value": str(msg.policy.header_fetch_parse(name, value))}
+        for name, value in msg.raw_items()
+        if name.lower() not in _STRUCTURAL and not name.lower().startswith("content-")
+    ]
+    subject = msg["Subject"]
     return {
         "schema": "mailgate.email.v1",
         "id": message_id,
@@ -150,14 +168,14 @@ def email_document(raw: bytes, mail_from: str, rcpt_tos: list[str], account: str
         "envelope": {"mail_from": mail_from, "rcpt_to": list(rcpt_tos)},
         "from": from_[0] if from_ else None,
         "reply_to": _addresses(msg, "Reply-To"),
-        "to": _addresses(msg, "To"),
-        "cc": _addresses(msg, "Cc"),
-        "bcc": _addresses(msg, "Bcc"),
-        "subject": str(msg.get("Subject", "")),
+        "to": to,
+        "cc": cc,
+        "bcc": bcc,
+        "subject": str(subject) if subject is not None else "",
         "text": text_part.get_content() if text_part is not None else None,
         "html": html_part.get_content() if html_part is not None else None,
         "attachments": attachments,
-        "headers": [{"name": k, "value": str(v)} for k, v in msg.items()],
+        "headers": headers,
         "message_id": str(msg.get("Message-ID", "")) or None,
         "date": str(msg.get("Date", "")) or None,
     }

@@ -73,9 +73,14 @@ def decode_response(line: bytes) -> bytes | Refused:
     if line == b"*":
         return Refused(replies.AUTH_CANCELLED)
     try:
-        return base64.b64decode(line, validate=True)
+        decoded = base64.b64decode(line, validate=True)
     except (binascii.Error, ValueError):
         return Refused(replies.AUTH_BAD_BASE64)
+    if base64.b64encode(decoded) != line:
+        # b64decode tolerates excess "=" and non-zero pad bits; only the
+        # canonical encoding (RFC 4648 §3.5) is accepted.
+        return Refused(replies.AUTH_BAD_BASE64)
+    return decoded
 
 
 def _utf8(data: bytes) -> str | None:

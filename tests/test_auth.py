@@ -61,7 +61,10 @@ def result_of(d: Deferred):
         (b"YWJj\t", Refused(replies.AUTH_BAD_BASE64)),
         (b"YWJjZA", Refused(replies.AUTH_BAD_BASE64)),  # padding missing
         (b"YWJj!", Refused(replies.AUTH_BAD_BASE64)),
-        (b"YWJj====", Refused(replies.AUTH_BAD_BASE64)),
+        (b"YWJj====", Refused(replies.AUTH_BAD_BASE64)),  # excess padding
+        (b"YWJk", b"abd"),
+        (b"YWI=", b"ab"),
+        (b"YWJ=", Refused(replies.AUTH_BAD_BASE64)),  # non-zero pad bits
         (b"\xff\xfe", Refused(replies.AUTH_BAD_BASE64)),
     ],
 )
@@ -190,7 +193,7 @@ def test_cram_md5_malformed(response, reply):
     """Malformed CRAM-MD5 responses (no space, non-hex, wrong length) are refused with 501."""
     mechanism = CramMD5Mechanism("mx.test")
     mechanism.start(None)
-    assert mechanism.respond(response) == reply if isinstance(reply, Refused) else Refused(reply)
+    assert mechanism.respond(response) == Refused(reply)
 
 
 def test_mechanism_names_and_lookup():

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from mailgate import message as message_module
 from mailgate.message import (
     MAX_DEPTH,
+    MAX_PARSE_WORK,
     MAX_PARTS,
     MessageParseError,
     parse_message,
@@ -443,10 +444,29 @@ def test_too_many_parts() -> None:
 
 
 def test_parse_work_bound() -> None:
-    """Many short lines inside many multiparts are refused before the quadratic stdlib parse."""
-    raw = nested(MAX_DEPTH) + b"\r\n" * 1_000_000
-    with pytest.raises(MessageParseError):
+    """Many lines inside many nested multiparts are refused before the slow stdlib parse."""
+    head = "".join(f"Content-Type: multipart/mixed; boundary=b{i}\n\n--b{i}\n" for i in range(20))
+    lines = MAX_PARSE_WORK // 20 + 1
+    raw = crlf(head + "Content-Type: text/plain\n\n") + b"x\r\n" * lines
+    with pytest.raises(MessageParseError) as info:
         parse_message(raw, "", [])
+    assert "complex" in info.value.reason
+
+
+def test_parse_work_bound_admits_large_attachment() -> None:
+    """A 10 MiB base64 attachment in an ordinary structure is well within the work bound."""
+    line = b"QUJD" * 19 + b"\r\n"
+    raw = (
+        crlf(
+            "Content-Type: multipart/mixed; boundary=b\n\n--b\n\nhi\n--b\n"
+            "Content-Type: application/octet-stream\nContent-Transfer-Encoding: base64\n\n"
+        )
+        + line * (10 * 1024 * 1024 // len(line))
+        + b"--b--\r\n"
+    )
+    email_ = parse_message(raw, "", [])
+    assert email_.text == "hi"
+    assert len(email_.attachments[0].content) == 10 * 1024 * 1024 // len(line) * 57
 
 
 def test_unexpected_error_wrapped(monkeypatch: pytest.MonkeyPatch) -> None:

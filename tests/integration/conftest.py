@@ -116,6 +116,12 @@ async def gateway(tmp_path: Path, tls_files: tuple[Path, Path, Path], monkeypatc
         if user == "restricted":
             args += ["--allow-sender", "owner@example.com"]
         assert cli_main(args) == 0
+    async for gateway in running_gateway(config_path, api, tls_files[2]):
+        yield gateway
+
+
+async def running_gateway(config_path: Path, api: FakeEmailAPI, ca_path: Path) -> Any:
+    """Start mailgate from ``config_path`` on the global reactor; yield it; stop everything."""
     config = load_config(config_path)
     pool = HTTPConnectionPool(reactor, persistent=True)
     service = build_service(config, reactor, HTTPClient(Agent(reactor, pool=pool)))
@@ -124,10 +130,12 @@ async def gateway(tmp_path: Path, tls_files: tuple[Path, Path, Path], monkeypatc
     for listener, child in zip(config.listeners, service, strict=False):
         port = await child._waitingForPort
         ports[listener.role] = port.getHost().port
-    yield Gateway(ports=ports, api=api, ca_path=tls_files[2], tmp=tmp_path, service=service)
-    await service.stopService()
-    await pool.closeCachedConnections()
-    await api.stop()
+    try:
+        yield Gateway(ports=ports, api=api, ca_path=ca_path, tmp=config_path.parent, service=service)
+    finally:
+        await service.stopService()
+        await pool.closeCachedConnections()
+        await api.stop()
 
 
 @dataclass
