@@ -112,6 +112,7 @@ class Results:
         self.errors = 0
         self.error_samples: list[str] = []
         self.ok = 0
+        self.tls: str | None = None
 
     def error(self, what: str, count: int = 1) -> None:
         self.errors += count
@@ -130,6 +131,9 @@ async def smtp_session(args, ctx: ssl.SSLContext, auth: bytes, messages: int, re
         await command(reader, writer, b"EHLO loadgen.bench\r\n", 250)
         await command(reader, writer, b"STARTTLS\r\n", 220)
         await writer.start_tls(ctx, server_hostname="localhost")
+        if res.tls is None:
+            tls = writer.get_extra_info("ssl_object")
+            res.tls = f"{tls.version()} {tls.cipher()[0]}" if tls else "?"
         await command(reader, writer, b"EHLO loadgen.bench\r\n", 250)
         await command(reader, writer, b"AUTH PLAIN " + auth + b"\r\n", 235)
         perf = time.perf_counter
@@ -287,6 +291,7 @@ def main() -> None:
         "p99_ms": round(percentile(lat, 0.99) * ms, 3),
         "max_ms": round(lat[-1] * ms, 3) if lat else float("nan"),
         "loadgen_cpu_pct": round(100.0 * cpu / wall, 1) if wall > 0 else 0.0,
+        "tls": res.tls,
     }
     if args.json:
         print(json.dumps(out))

@@ -341,7 +341,6 @@ def main() -> int:
                     print(f"  rep {rep + 1} (c) direct  : p50 {out['p50_ms']:7.3f} ms", file=sys.stderr)
         elapsed = time.monotonic() - started
 
-        expected = sum(r["ok"] for s in results.values() for n, rs in s.items() if n != "http" for r in rs)
         stats = sink_stats(sink_port)
         report(results, servers, args, oneshot_total, elapsed, stats)
         if args.json_out:

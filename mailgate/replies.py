@@ -114,8 +114,8 @@ TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 
 # Permanent failures: message.
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
-BARE_LF_DATA = Reply(550, "5.5.2", "Bare LF or CR in message data is not allowed (RFC 5321 §2.3.8)")
-DATA_LINE_TOO_LONG = Reply(550, "5.5.2", "Message line longer than 998 octets (RFC 5322 §2.1.1)")
+BARE_LF_DATA = Reply(550, "5.5.2", "Bare LF or CR in message data is not allowed (RFC 5321 section 2.3.8)")
+DATA_LINE_TOO_LONG = Reply(550, "5.5.2", "Message line longer than 998 octets (RFC 5322 section 2.1.1)")
 NUL_IN_DATA = Reply(550, "5.6.0", "NUL octet in message data is not allowed")
 UNPARSABLE_MESSAGE = Reply(554, "5.6.0", "Message could not be parsed")
 SENDER_NOT_ALLOWED = Reply(553, "5.7.1", "Sender address not allowed for this account")

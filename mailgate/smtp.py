@@ -127,6 +127,7 @@ class SMTPSession(ESMTP):
         self._tls_active = False
         self._handshake_timer: Any = None
         self._lifetime_timer: Any = None
+        self._lifetime_expired = False
         self._reader: DataReader | None = None
         self._spool: Any = None
         self.account: Account | None = None
@@ -177,6 +178,11 @@ class SMTPSession(ESMTP):
 
     def _lifetime_over(self) -> None:
         self._lifetime_timer = None
+        if self._blocked:
+            # A verdict is pending (delivery, AUTH): send it first, then close, so a
+            # message that was accepted is never answered 421 (and sent twice).
+            self._lifetime_expired = True
+            return
         self._close_with(replies.SESSION_TOO_LONG)
 
     def timeoutConnection(self) -> None:
@@ -252,11 +258,18 @@ class SMTPSession(ESMTP):
             self._fail(replies.BARE_LF_COMMAND)
             return
         if self._auth is not None:
+            if len(line) + 2 > auth.MAX_AUTH_LINE:
+                self._auth = None  # An over-long response ends the exchange.
+                self._fail(replies.LINE_TOO_LONG)
+                return
             self._await(self._auth_response(line))
             return
         verb, _, argument = line.partition(b" ")
         verb = verb.upper()
-        if len(line) + 2 > MAX_COMMAND_LINE and verb != b"AUTH":
+        limit = auth.MAX_AUTH_LINE if verb == b"AUTH" else MAX_COMMAND_LINE
+        if len(line) + 2 > limit:
+            # The AUTH cap must hold however the line arrives: a complete line in
+            # one read would otherwise escape the unterminated-buffer check.
             self._fail(replies.LINE_TOO_LONG)
             return
         if not verb.isalpha() or not verb.isascii():
@@ -304,6 +317,9 @@ class SMTPSession(ESMTP):
     def _unblock(self) -> None:
         self._blocked = False
         if self._closing:
+            return
+        if self._lifetime_expired:
+            self._close_with(replies.SESSION_TOO_LONG)
             return
         self.setTimeout(self.policy.data_timeout if self._reader else self.policy.command_timeout)
         self._process()

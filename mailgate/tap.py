@@ -48,13 +48,11 @@ class _ClosePool(Service):
 
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
-    from twisted.web.client import Agent, HTTPConnectionPool
-    from treq.client import HTTPClient
-
     from mailgate.build import build_service
     from mailgate.config import load_config
     from mailgate.devdefault import development_setup
     from mailgate.tls import TLSConfigError
+    from mailgate.transports import make_http_client
 
     try:
         if options["config"]:
@@ -68,10 +66,7 @@ def makeService(options: Options) -> IService:
                 password=password,
                 state=str(config.server.state_dir),
             )
-        pool = HTTPConnectionPool(reactor, persistent=True)
-        pool.maxPersistentPerHost = 32
-        pool.cachedConnectionTimeout = 120
-        client = HTTPClient(Agent(reactor, pool=pool, connectTimeout=10))
+        client, pool = make_http_client(reactor)
         service = build_service(config, reactor, client)
     except (ConfigError, TLSConfigError) as e:
         sys.stderr.write(f"mailgate: configuration error: {e}\n")

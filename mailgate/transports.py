@@ -13,9 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import treq
+from hyperlink import EncodedURL
+from treq.client import HTTPClient
 from twisted.internet import defer
 from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
 from mailgate.atomicfile import write_atomically
@@ -33,6 +37,45 @@ class APITimeout(Exception):
     """The API did not answer in time."""
 
 
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body already in memory, written at once.
+
+    treq would wrap bytes in a FileBodyProducer, which writes from a cooperative
+    task one reactor iteration later; the body is small and ready, so write it now.
+    """
+
+    def __init__(self, body: bytes):
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> defer.Deferred[None]:
+        consumer.write(self.body)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def make_http_client(reactor: Any, connect_timeout: float = 10) -> tuple[Any, Any]:
+    """The one treq ``HTTPClient`` for all providers, and its persistent pool.
+
+    Bodies are written with :class:`BytesProducer`; the pool keeps connections
+    open between messages (closed by :meth:`HTTPConnectionPool.closeCachedConnections`).
+    """
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 32
+    pool.cachedConnectionTimeout = 120
+    agent = Agent(reactor, pool=pool, connectTimeout=connect_timeout)
+    return HTTPClient(agent, data_to_body_producer=BytesProducer), pool
+
+
 @implementer(ITransport)
 class TreqTransport:
     """HTTPS requests through one shared treq ``HTTPClient`` (persistent pool).
@@ -45,6 +88,7 @@ class TreqTransport:
         self.client = client
         self.clock = clock
         self.timeout = timeout
+        self._urls: dict[str, EncodedURL] = {}
 
     def send(self, request: HTTPRequest) -> defer.Deferred[HTTPResponse]:
         headers = Headers()
@@ -70,9 +114,24 @@ class TreqTransport:
 
         return exchange.addBoth(finished)
 
+    def _encoded_url(self, url: str) -> EncodedURL:
+        """Parse each provider URL once, not per request (hyperlink parsing is costly)."""
+        encoded = self._urls.get(url)
+        if encoded is None:
+            encoded = self._urls[url] = EncodedURL.from_text(url)
+        return encoded
+
     async def _exchange(self, request: HTTPRequest, headers: Headers) -> HTTPResponse:
+        # No redirects: an API that redirects a POST is misconfigured, and following
+        # it could send the message (and credentials) elsewhere.  Unbuffered: the
+        # body is collected below, with a size limit.
         response = await self.client.request(
-            request.method, request.url, headers=headers, data=request.body
+            request.method,
+            self._encoded_url(request.url),
+            headers=headers,
+            data=request.body,
+            allow_redirects=False,
+            unbuffered=True,
         )
         chunks: list[bytes] = []
         received = 0

@@ -18,17 +18,15 @@ import base64
 import hashlib
 import hmac
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import ip_network
 from typing import Any
 
-import pytest
 from twisted.cred.portal import Portal
 from twisted.internet import address, defer
 from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
-from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
 from mailgate.accounts.account import Account
@@ -58,7 +56,7 @@ ACCOUNTS = {
     "dave@example.com": ("pw d", Account(name="dave")),
 }
 
-_REPLY_LINE = re.compile(rb"\A(\d{3})([ -])(.*)\Z", re.S)
+_REPLY_LINE = re.compile(rb"\A(\d{3})([ -])(.*)\Z", re.DOTALL)
 _ENHANCED = re.compile(r"\A([245])\.\d{1,3}\.\d{1,3}(?: |\Z)")
 
 # Every reply line seen by any Client in this test process (see test_all_replies_...).
@@ -114,12 +112,15 @@ class DeliveryCall:
     deferred: defer.Deferred[Any]
 
 
+DEFAULT_OUTCOME = Delivered("fake", "prov-1")
+
+
 @implementer(IDeliverer)
 class FakeDeliverer:
     """Records each ``deliver`` call; answers with ``outcome`` at once, or never
     (``outcome=None``) so the test fires ``calls[i].deferred`` itself."""
 
-    def __init__(self, outcome: Any = Delivered("fake", "prov-1")) -> None:
+    def __init__(self, outcome: Any = DEFAULT_OUTCOME) -> None:
         self.outcome = outcome
         self.calls: list[DeliveryCall] = []
 
@@ -177,7 +178,9 @@ def _check_reply(group: list[str]) -> None:
 class Client:
     """Feeds bytes to one session and collects the reply lines it writes."""
 
-    def __init__(self, session: SMTPSession, transport: Any, clock: Clock, deliverer: FakeDeliverer):
+    def __init__(
+        self, session: SMTPSession, transport: Any, clock: Clock, deliverer: FakeDeliverer
+    ):
         self.session = session
         self.transport = transport
         self.clock = clock
@@ -215,7 +218,7 @@ class Client:
 
     @property
     def closed(self) -> bool:
-        return bool(self.transport.disconnecting)
+        return not self.transport.connected or bool(self.transport.disconnecting)
 
     # Conveniences for the common dialogue.
 
@@ -298,8 +301,12 @@ def connect(
     deliverer = deliverer or FakeDeliverer()
     store = store if store is not None else MemoryAccountStore(ACCOUNTS)
     portal = Portal(AccountRealm(), [AccountStoreChecker(store)])
-    session = SMTPSession(make_policy(role, **policy), portal, deliverer, clock, parse, trusted_account)
-    peer_address = address.IPv6Address("TCP", peer, 40000) if ipv6 else address.IPv4Address("TCP", peer, 40000)
+    session = SMTPSession(
+        make_policy(role, **policy), portal, deliverer, clock, parse, trusted_account
+    )
+    peer_address = (
+        address.IPv6Address("TCP", peer, 40000) if ipv6 else address.IPv4Address("TCP", peer, 40000)
+    )
     transport_class = TLSStringTransport if tls_transport else StringTransportWithDisconnection
     transport = transport_class(peerAddress=peer_address)
     transport.protocol = session
@@ -339,34 +346,3 @@ def relay_client(**kwargs: Any) -> Client:
     )
     client.ehlo()
     return client
-
-
-# -- log capture --------------------------------------------------------------------
-
-
-@dataclass
-class LogCapture:
-    events: list[dict[str, Any]] = field(default_factory=list)
-    expected_failures: int = 0
-
-    def failures(self) -> list[dict[str, Any]]:
-        return [event for event in self.events if "log_failure" in event]
-
-    def expect_failures(self, count: int) -> None:
-        self.expected_failures = count
-
-
-@pytest.fixture(autouse=True)
-def captured_log():  # type: ignore[no-untyped-def]
-    """Capture twisted.logger events; fail the test on an unexpected logged failure."""
-    capture = LogCapture()
-    observer = capture.events.append
-    globalLogPublisher.addObserver(observer)
-    try:
-        yield capture
-    finally:
-        globalLogPublisher.removeObserver(observer)
-    failures = capture.failures()
-    assert len(failures) == capture.expected_failures, [
-        event["log_failure"].getTraceback() for event in failures
-    ]

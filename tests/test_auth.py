@@ -226,8 +226,14 @@ def test_checker_password_success_returns_account():
 
 @pytest.mark.parametrize(
     "username, password",
-    [(b"alice", b"wrong"), (b"nobody", b"s3cret"), (b"", b"s3cret"), (b"alice", b""),
-     (b"\xff", b"s3cret"), (b"alice", b"\xff")],
+    [
+        (b"alice", b"wrong"),
+        (b"nobody", b"s3cret"),
+        (b"", b"s3cret"),
+        (b"alice", b""),
+        (b"\xff", b"s3cret"),
+        (b"alice", b"\xff"),
+    ],
 )
 def test_checker_password_failure(username, password):
     """Wrong, empty or undecodable credentials fail with UnauthorizedLogin."""
@@ -236,7 +242,9 @@ def test_checker_password_failure(username, password):
     assert failure.check(UnauthorizedLogin)
 
 
-def _cram(username: bytes, password: bytes, challenge: bytes = b"<1.2@mx.test>") -> CramMD5Credentials:
+def _cram(
+    username: bytes, password: bytes, challenge: bytes = b"<1.2@mx.test>"
+) -> CramMD5Credentials:
     credentials = CramMD5Credentials(b"mx.test")
     credentials.challenge = challenge
     credentials.username = username

@@ -18,14 +18,20 @@ GOOD_MAIL = [
     (b"FROM:<a@b.example.>", Path("a@b.example")),
     (b"FROM:a@b.example", Path("a@b.example")),  # brackets omitted
     (b"FROM:a@b.example SIZE=100", Path("a@b.example", {"SIZE": "100"})),
-    (b"FROM:<a@b.example> SIZE=100 BODY=8BITMIME", Path("a@b.example", {"SIZE": "100", "BODY": "8BITMIME"})),
+    (
+        b"FROM:<a@b.example> SIZE=100 BODY=8BITMIME",
+        Path("a@b.example", {"SIZE": "100", "BODY": "8BITMIME"}),
+    ),
     (b"FROM:<a@b.example>  size=1", Path("a@b.example", {"SIZE": "1"})),
     (b"FROM:<a@b.example> AUTH=<>", Path("a@b.example", {"AUTH": "<>"})),
     (b"FROM:<a@b.example> SMTPUTF8", Path("a@b.example", {"SMTPUTF8": None})),
     (b'FROM:<"john doe"@b.example>', Path('"john doe"@b.example')),
     (b'FROM:<"a>b"@b.example>', Path('"a>b"@b.example')),
     (b'FROM:<"a\\"b"@b.example>', Path('"a\\"b"@b.example')),
-    (b"FROM:<@relay.example,@other.example:a@b.example>", Path("a@b.example")),  # source route ignored
+    (
+        b"FROM:<@relay.example,@other.example:a@b.example>",
+        Path("a@b.example"),
+    ),  # source route ignored
     (b"FROM:<a@[192.0.2.1]>", Path("a@[192.0.2.1]")),
     (b"FROM:<a@[IPv6:2001:db8::1]>", Path("a@[ipv6:2001:db8::1]")),
     (b"FROM:<a%c.example@b.example>", Path("a%c.example@b.example")),
@@ -57,18 +63,20 @@ BAD_MAIL = [
     (b"FROM:<a@c_d.example>", replies.BAD_SENDER_SYNTAX),
     (b"FROM:<a@c..example>", replies.BAD_SENDER_SYNTAX),
     (b"FROM:<a@[1.2.3.4>", replies.BAD_SENDER_SYNTAX),
-    (b"FROM:<\"unterminated@c.example>", replies.BAD_SENDER_SYNTAX),
+    (b'FROM:<"unterminated@c.example>', replies.BAD_SENDER_SYNTAX),
     (b"FROM:<a\x01@c.example>", replies.BAD_SENDER_SYNTAX),
     (b"FROM:<@relay.example>", replies.BAD_SENDER_SYNTAX),  # route without mailbox
     (b"FROM:<" + b"l" * 65 + b"@b.example>", replies.BAD_SENDER_SYNTAX),
-    (b"FROM:<a@" + b"d" * 63 + b"." + b"e" * 63 + b"." + b"f" * 63 + b"." + b"g" * 63 + b">",
-     replies.BAD_SENDER_SYNTAX),  # path over 256 octets
+    (
+        b"FROM:<a@" + b"d" * 63 + b"." + b"e" * 63 + b"." + b"f" * 63 + b"." + b"g" * 63 + b">",
+        replies.BAD_SENDER_SYNTAX,
+    ),  # path over 256 octets
     (b"FROM:<a@b.example> SIZE", None),  # parses; the session validates SIZE's value
     (b"FROM:<a@b.example> =1", replies.PARAM_SYNTAX),
     (b"FROM:<a@b.example> SIZE=a=b", replies.PARAM_SYNTAX),
     (b"FROM:<a@b.example> -X=1", replies.PARAM_SYNTAX),
     (b"FROM:<j\xc3\xb6rg@b.example>", replies.NEEDS_SMTPUTF8),
-    (b"FROM:<\"j\xc3\xb6rg\"@b.example>", replies.NEEDS_SMTPUTF8),
+    (b'FROM:<"j\xc3\xb6rg"@b.example>', replies.NEEDS_SMTPUTF8),
     (b"FROM:<a@b\xc3\xa9.example>", replies.NEEDS_SMTPUTF8),
     (b"FROM:<a@b.example> X=\xff", replies.NEEDS_SMTPUTF8),
 ]
@@ -127,7 +135,10 @@ def test_bad_rcpt_to(argument, reply):
 def test_reply_codes_of_envelope_errors():
     """The envelope replies carry the codes of the error table."""
     assert (replies.BAD_SENDER_SYNTAX.code, replies.BAD_SENDER_SYNTAX.enhanced) == (553, "5.1.7")
-    assert (replies.BAD_RECIPIENT_SYNTAX.code, replies.BAD_RECIPIENT_SYNTAX.enhanced) == (553, "5.1.3")
+    assert (replies.BAD_RECIPIENT_SYNTAX.code, replies.BAD_RECIPIENT_SYNTAX.enhanced) == (
+        553,
+        "5.1.3",
+    )
     assert (replies.NEEDS_SMTPUTF8.code, replies.NEEDS_SMTPUTF8.enhanced) == (553, "5.6.7")
     assert (replies.PARAM_SYNTAX.code, replies.PARAM_SYNTAX.enhanced) == (501, "5.5.4")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from itertools import pairwise
 
 import pytest
 from hypothesis import given, settings
@@ -31,7 +32,7 @@ def read(chunks: list[bytes], max_size: int = 10**6, line_endings: str = "reject
 def split_at(data: bytes, points: list[int]) -> list[bytes]:
     points = sorted({p for p in points if 0 < p < len(data)})
     edges = [0, *points, len(data)]
-    return [data[a:b] for a, b in zip(edges, edges[1:])]
+    return [data[a:b] for a, b in pairwise(edges)]
 
 
 def reference_end(stream: bytes) -> int | None:
@@ -86,7 +87,7 @@ ERROR_CASES = [
 @pytest.mark.parametrize("stream, error", ERROR_CASES)
 def test_bad_streams_rejected_after_real_end(stream, error):
     """A malformed stream is read to the real CRLF.CRLF and then refused with the first problem's reply."""
-    sink, got_error, leftover, reader = read([stream])
+    _, got_error, leftover, reader = read([stream])
     assert got_error == error
     assert leftover == b""
     assert reader.done
@@ -175,7 +176,7 @@ def test_long_line_ending_in_dot_is_not_end():
 def test_stuffed_max_line_split_before_crlf():
     """A dot-stuffed line of exactly 998 octets is accepted even when a packet ends just before its LF."""
     line = b"." + b"A" * MAX_LINE
-    sink, error, leftover, _ = read([line + b"\r", b"\n.\r\n"])
+    sink, error, _, _ = read([line + b"\r", b"\n.\r\n"])
     assert error is None
     assert sink == b"A" * MAX_LINE + b"\r\n"
 
@@ -183,15 +184,33 @@ def test_stuffed_max_line_split_before_crlf():
 # -- properties -------------------------------------------------------------------------
 
 TOKENS = st.sampled_from(
-    [b"a", b"b", b".", b"..", b"\r", b"\n", b"\r\n", b"\x00", b" ", b"\r\n.\r\n", b"\r\n.", b"\xff",
-     b"A" * 500, b"A" * 997, b"\r\n" + b"." + b"B" * 998]
+    [
+        b"a",
+        b"b",
+        b".",
+        b"..",
+        b"\r",
+        b"\n",
+        b"\r\n",
+        b"\x00",
+        b" ",
+        b"\r\n.\r\n",
+        b"\r\n.",
+        b"\xff",
+        b"A" * 500,
+        b"A" * 997,
+        b"\r\n" + b"." + b"B" * 998,
+    ]
 )
 streams = st.lists(TOKENS, max_size=25).map(b"".join)
 
 
 @settings(max_examples=300, deadline=None)
-@given(stream=streams, points=st.lists(st.integers(min_value=0, max_value=5000), max_size=20),
-       mode=st.sampled_from(["reject", "normalize"]))
+@given(
+    stream=streams,
+    points=st.lists(st.integers(min_value=0, max_value=5000), max_size=20),
+    mode=st.sampled_from(["reject", "normalize"]),
+)
 def test_random_splits_give_identical_results(stream, points, mode):
     """However the stream is cut into packets, the end, the error and (when accepted) the message are the same."""
     stream += b"\r\n.\r\nTAIL"
@@ -229,8 +248,14 @@ def test_byte_by_byte_equals_one_packet(stream):
 
 
 @settings(max_examples=200, deadline=None)
-@given(lines=st.lists(st.binary(max_size=80).filter(lambda b: b"\r" not in b and b"\n" not in b
-                                                      and b"\x00" not in b), max_size=15))
+@given(
+    lines=st.lists(
+        st.binary(max_size=80).filter(
+            lambda b: b"\r" not in b and b"\n" not in b and b"\x00" not in b
+        ),
+        max_size=15,
+    )
+)
 def test_stuffing_round_trip(lines):
     """A message of CRLF lines, dot-stuffed by the client, comes out of the reader unchanged."""
     message = b"".join(line + b"\r\n" for line in lines)

@@ -109,7 +109,7 @@ def error_text(response: HTTPResponse) -> str:
 def classify_http(provider: str, response: HTTPResponse, message_id: str) -> Outcome:
     """The error table of ARCHITECTURE.md applied to a generic HTTP API.
 
-    2xx delivered; 408, 429 and 5xx transient (451); 413 too big (552 5.3.4);
+    2xx delivered; 408, 429, 5xx and 3xx (not followed) transient (451); 413 too big (552 5.3.4);
     401/403 refused authorisation (554 5.7.0); other 4xx a content rejection
     (554 5.6.0 for 400/422, 554 5.0.0 otherwise) carrying the API's message.
     """
@@ -122,6 +122,10 @@ def classify_http(provider: str, response: HTTPResponse, message_id: str) -> Out
     if status == 408 or status >= 500:
         after = parse_retry_after(response.header("Retry-After"))
         return Retry(provider, f"API unavailable (HTTP {status})", "4.3.0", after)
+    if 300 <= status < 400:
+        # Redirects are not followed (see transports); the URL needs fixing, and
+        # until it is the client keeps the message.
+        return Retry(provider, f"API answered with a redirect (HTTP {status}); check its url", "4.3.5")
     detail = error_text(response)
     if status == 413:
         return Failed(provider, f"message too large for the API: {detail}", 552, "5.3.4")

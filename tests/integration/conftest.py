@@ -16,14 +16,13 @@ from typing import Any
 import pytest
 import pytest_twisted
 import trustme
-from treq.client import HTTPClient
 from twisted.internet import reactor, threads
-from twisted.web.client import Agent, HTTPConnectionPool
 
 from mailgate.build import build_service
 from mailgate.cli import main as cli_main
 from mailgate.config import load_config
 from mailgate.testing import FakeEmailAPI
+from mailgate.transports import make_http_client
 
 # Throwaway test fixtures, not secrets.
 TEST_API_TOKEN = "test-api-token-not-a-secret"
@@ -123,8 +122,8 @@ async def gateway(tmp_path: Path, tls_files: tuple[Path, Path, Path], monkeypatc
 async def running_gateway(config_path: Path, api: FakeEmailAPI, ca_path: Path) -> Any:
     """Start mailgate from ``config_path`` on the global reactor; yield it; stop everything."""
     config = load_config(config_path)
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    service = build_service(config, reactor, HTTPClient(Agent(reactor, pool=pool)))
+    client, pool = make_http_client(reactor)
+    service = build_service(config, reactor, client)
     service.startService()
     ports = {}
     for listener, child in zip(config.listeners, service, strict=False):
