@@ -459,13 +459,45 @@ def _message_id(msg: Message) -> str | None:
     return value or None
 
 
+_FAST_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_FAST_ADDR = rf"{_FAST_ATOM}(?:\.{_FAST_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+# A display name of plain words: no quotes, comments, escapes or encoded words ("=?").
+_FAST_WORD = r"[A-Za-z0-9!#$%&'*+/?^_`{|}~-]+"
+_FAST_MAILBOX = re.compile(
+    rf" ?(?:(?P<name>{_FAST_WORD}(?: {_FAST_WORD})*) <(?P<angle>{_FAST_ADDR})>|<(?P<bare_angle>{_FAST_ADDR})>|(?P<bare>{_FAST_ADDR})) ?"
+)
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+
+
+def simple_mailboxes(value: str) -> list[tuple[str, str]] | None:
+    """(display name, address) pairs when ``value`` is a plain mailbox list, else None.
+
+    Covers what applications overwhelmingly send (``a@b``, ``<a@b>``,
+    ``Name Surname <a@b>``, comma-separated) with the result the RFC 5322
+    parser would give; anything else (quoted names, comments, groups, encoded
+    words, obsolete syntax, non-ASCII) returns None and takes the full parser.
+    The full parser costs about a tenth of a millisecond per header.
+    """
+    pairs = []
+    for piece in _FOLD.sub("", value).split(","):
+        match = _FAST_MAILBOX.fullmatch(piece)
+        if match is None:
+            return None
+        address = match.group("angle") or match.group("bare_angle") or match.group("bare")
+        pairs.append((match.group("name") or "", address))
+    return pairs
+
+
 def _addresses(msg: Message, name: str) -> tuple[EmailAddress, ...]:
     """All mailboxes of every ``name`` header, groups flattened (RFC 5322 §3.4)."""
     result: list[EmailAddress] = []
     for hname, raw_value in msg.raw_items():
         if hname.lower() != name:
             continue
-        pairs: list[tuple[str, str]]
+        pairs: list[tuple[str, str]] | None = simple_mailboxes(raw_value)
+        if pairs is not None:
+            result.extend(EmailAddress(address, display) for display, address in pairs)
+            continue
         try:
             header = msg.policy.header_fetch_parse(hname, raw_value)
             pairs = [(a.display_name, a.addr_spec) for a in header.addresses]

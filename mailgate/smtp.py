@@ -31,7 +31,9 @@ it (numbers refer to SECURITY.md):
 from __future__ import annotations
 
 import base64
+import datetime
 import email.utils
+import functools
 import ipaddress
 import tempfile
 from collections.abc import Callable
@@ -57,6 +59,12 @@ MAX_COMMAND_LINE = 512  # RFC 5321 §4.5.3.1.4, including CRLF.
 SPOOL_IN_MEMORY = 1024 * 1024  # DATA beyond this spills from memory to a temp file.
 PAUSE_READING_AT = 256 * 1024  # Stop reading while a command is pending and this much is buffered.
 _SYNC_COMMANDS = frozenset({b"EHLO", b"HELO", b"STARTTLS", b"QUIT"})
+
+
+@functools.lru_cache(maxsize=4)
+def rfc5322_date(second: int) -> str:
+    """The Received header's date (RFC 5322 §3.3), formatted once per second."""
+    return email.utils.format_datetime(datetime.datetime.fromtimestamp(second).astimezone())
 
 
 @dataclass(frozen=True)
@@ -154,11 +162,6 @@ class SMTPSession(ESMTP):
             if timer is not None and timer.active():
                 timer.cancel()
         self._discard_data()
-        self.log.debug(
-            "session from {peer} closed: {accepted} message(s) accepted",
-            peer=self.peer_ip,
-            accepted=self.messages_accepted,
-        )
 
     def handshakeCompleted(self) -> None:
         """IHandshakeListener: the TLS handshake finished; stop its timer."""
@@ -627,7 +630,7 @@ class SMTPSession(ESMTP):
             protocol += "S"
         if self.account is not None:
             protocol += "A"  # RFC 3848
-        date = email.utils.format_datetime(email.utils.localtime())
+        date = rfc5322_date(int(self.clock.seconds()))
         return (
             f"Received: from {self._helo} ([{self.peer_ip}])\r\n"
             f"\tby {self.policy.hostname} (mailgate) with {protocol} id {queue_id};\r\n"

@@ -711,3 +711,30 @@ def test_round_trip(
     assert [a.address for a in email_.bcc] == expected
     assert [a.address for a in email_.to] == to
     assert [a.address for a in email_.cc] == cc
+
+
+_WORD = st.text(alphabet="abcXYZ019!#$%&'*+/?^_`{|}~-", min_size=1, max_size=6)
+_ADDR = st.builds(
+    lambda local, domain: f"{local}@{domain}",
+    st.lists(st.text(alphabet="abz09!#$%&'*+/=?^_`{|}~-", min_size=1, max_size=5), min_size=1, max_size=3).map(".".join),
+    st.lists(st.text(alphabet="abz09-", min_size=1, max_size=5), min_size=1, max_size=3).map(".".join),
+)
+_MAILBOX = st.one_of(
+    _ADDR,
+    _ADDR.map(lambda a: f"<{a}>"),
+    st.tuples(st.lists(_WORD, min_size=1, max_size=3).map(" ".join), _ADDR).map(lambda p: f"{p[0]} <{p[1]}>"),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_MAILBOX, min_size=1, max_size=4), st.sampled_from([",", ", ", ",\r\n "]))
+def test_simple_mailbox_fast_path_agrees_with_stdlib(mailboxes: list[str], separator: str) -> None:
+    """The fast path for plain address lists gives exactly what the RFC 5322 parser gives."""
+    from email.policy import default
+
+    from mailgate.message import simple_mailboxes
+
+    value = separator.join(mailboxes)
+    fast = simple_mailboxes(value)
+    header = default.header_fetch_parse("To", value)
+    assert fast == [(a.display_name, a.addr_spec) for a in header.addresses]
