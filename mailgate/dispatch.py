@@ -85,14 +85,16 @@ class Dispatcher:
                 outcome = Retry(name, f"cannot reach the API ({type(e).__name__})", "4.4.1")
             else:
                 outcome = provider.adapter.classify(request, response)
-            self.log.info(
-                "provider {provider} message {queue_id}: {outcome} in {elapsed:.3f}s",
-                provider=name,
-                queue_id=queue_id,
-                outcome=_describe(outcome),
-                elapsed=self.clock.seconds() - started,
-            )
             if not isinstance(outcome, Delivered):
+                # Successes are logged once per message by the session; failed attempts
+                # here, so a failover can be traced provider by provider.
+                self.log.info(
+                    "provider {provider} message {queue_id}: {outcome} after {elapsed:.3f}s",
+                    provider=name,
+                    queue_id=queue_id,
+                    outcome=_describe(outcome),
+                    elapsed=self.clock.seconds() - started,
+                )
                 # A request after an accepted one failed: the client must retry the whole
                 # message; the idempotency key lets the API recognise the repeat.
                 return outcome
@@ -103,9 +105,7 @@ class Dispatcher:
         return Delivered(name, ids)
 
 
-def _describe(outcome: Outcome) -> str:
-    if isinstance(outcome, Delivered):
-        return f"delivered id={outcome.message_id}"
+def _describe(outcome: Retry | Failed) -> str:
     if isinstance(outcome, Retry):
         return f"retry ({outcome.enhanced} {outcome.reason})"
     return f"failed ({outcome.code} {outcome.enhanced} {outcome.reason})"

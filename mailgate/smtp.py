@@ -651,9 +651,11 @@ class SMTPSession(ESMTP):
         outcome = yield self.deliverer.deliver(email_, account, queue_id)
         reply = outcome.reply()
         self.log.info(
-            "message {queue_id} account={account} recipients={count} size={size}: {reply}",
+            "message {queue_id} account={account} provider={provider} recipients={count} "
+            "size={size}: {reply}",
             queue_id=queue_id,
             account=account.name,
+            provider=getattr(outcome, "provider", "-"),
             count=len(recipients),
             size=len(raw),
             reply=str(reply),
