@@ -1,6 +1,6 @@
 """One benchmark run: mailgate (sync mode) vs the aiosmtpd + aiohttp baseline.
 
-    /work/venv/bin/python bench/run.py            # from the repository root
+    .venv/bin/python bench/run.py            # from the repository root, after pip install ".[bench]"
 
 Generates a self-signed ECDSA P-256 certificate (used by both servers), an
 accounts file (through ``mailgate account add``), starts the HTTP sink, mailgate
