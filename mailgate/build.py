@@ -101,22 +101,12 @@ def build_routes(config: Config, reactor: Any, http_client: Any) -> dict[str, Ro
 
 
 def session_policy(config: Config, listener: ListenerConfig, tls: Any, cram_md5: bool) -> SessionPolicy:
-    limits = config.limits
     return SessionPolicy(
         role=listener.role,
         hostname=config.server.hostname,
         tls=tls,
         trusted_networks=listener.trusted_networks,
-        max_message_size=limits.max_message_size,
-        max_recipients=limits.max_recipients,
-        line_endings=limits.line_endings,
-        command_timeout=limits.command_timeout,
-        data_timeout=limits.data_timeout,
-        tls_handshake_timeout=limits.tls_handshake_timeout,
-        session_lifetime=limits.session_lifetime,
-        max_errors=limits.max_errors,
-        max_auth_failures=limits.max_auth_failures,
-        auth_failure_delay=limits.auth_failure_delay,
+        limits=config.limits,
         cram_md5=cram_md5,
     )
 

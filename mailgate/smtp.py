@@ -50,6 +50,7 @@ from zope.interface import implementer
 
 from mailgate import auth, envelope, replies
 from mailgate.accounts.account import Account
+from mailgate.config import LimitsConfig
 from mailgate.framing import DataReader
 from mailgate.ids import new_queue_id
 from mailgate.interfaces import IAccount, IDeliverer
@@ -75,16 +76,7 @@ class SessionPolicy:
     hostname: str
     tls: Any = None  # IOpenSSLServerConnectionCreator for STARTTLS (relay/submission)
     trusted_networks: tuple[Any, ...] = ()
-    max_message_size: int = 10 * 1024 * 1024
-    max_recipients: int = 50
-    line_endings: str = "reject"
-    command_timeout: float = 300.0
-    data_timeout: float = 600.0
-    tls_handshake_timeout: float = 30.0
-    session_lifetime: float = 3600.0
-    max_errors: int = 10
-    max_auth_failures: int = 3
-    auth_failure_delay: float = 1.0
+    limits: LimitsConfig = LimitsConfig()
     cram_md5: bool = False
 
     @property
@@ -123,7 +115,7 @@ class SMTPSession(ESMTP):
         self.parse = parse
         self.trusted_account = trusted_account
         self.host = policy.hostname.encode("ascii", "replace")
-        self.timeout = policy.command_timeout
+        self.timeout = policy.limits.command_timeout
         self._buffer = b""
         self._processing = False
         self._blocked = False
@@ -148,8 +140,8 @@ class SMTPSession(ESMTP):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.peer_ip = getattr(peer, "host", str(peer))
-        self.setTimeout(self.policy.command_timeout)
-        self._lifetime_timer = self.clock.callLater(self.policy.session_lifetime, self._lifetime_over)
+        self.setTimeout(self.policy.limits.command_timeout)
+        self._lifetime_timer = self.clock.callLater(self.policy.limits.session_lifetime, self._lifetime_over)
         if self.policy.implicit_tls:
             self._tls_active = True
             self._start_handshake_timer()
@@ -171,7 +163,7 @@ class SMTPSession(ESMTP):
 
     def _start_handshake_timer(self) -> None:
         self._handshake_timer = self.clock.callLater(
-            self.policy.tls_handshake_timeout, self._handshake_timed_out
+            self.policy.limits.tls_handshake_timeout, self._handshake_timed_out
         )
 
     def _handshake_timed_out(self) -> None:
@@ -208,7 +200,7 @@ class SMTPSession(ESMTP):
     def _fail(self, reply: Reply) -> None:
         """Send an error reply and enforce the per-session error limit (SECURITY.md 7)."""
         self._errors += 1
-        if self._errors > self.policy.max_errors:
+        if self._errors > self.policy.limits.max_errors:
             self._close_with(replies.TOO_MANY_ERRORS)
         else:
             self._send(reply)
@@ -324,7 +316,7 @@ class SMTPSession(ESMTP):
         if self._lifetime_expired:
             self._close_with(replies.SESSION_TOO_LONG)
             return
-        self.setTimeout(self.policy.data_timeout if self._reader else self.policy.command_timeout)
+        self.setTimeout(self.policy.limits.data_timeout if self._reader else self.policy.limits.command_timeout)
         self._process()
 
     # -- session state ---------------------------------------------------------
@@ -366,7 +358,7 @@ class SMTPSession(ESMTP):
         return any(address in network for network in self.policy.trusted_networks)
 
     def _max_size(self, account: Account) -> int:
-        limit = self.policy.max_message_size
+        limit = self.policy.limits.max_message_size
         if account.max_message_size is not None:
             limit = min(limit, account.max_message_size)
         return limit
@@ -388,7 +380,7 @@ class SMTPSession(ESMTP):
 
     def _extensions(self) -> list[str]:
         extensions = [
-            f"SIZE {self.policy.max_message_size}",
+            f"SIZE {self.policy.limits.max_message_size}",
             "8BITMIME",
             "PIPELINING",
             "ENHANCEDSTATUSCODES",
@@ -524,10 +516,10 @@ class SMTPSession(ESMTP):
             count=self._auth_failures,
             peer=self.peer_ip,
         )
-        if self._auth_failures >= self.policy.max_auth_failures:
+        if self._auth_failures >= self.policy.limits.max_auth_failures:
             self._close_with(replies.TOO_MANY_AUTH_FAILURES)
             return STOP
-        delay = self.policy.auth_failure_delay * self._auth_failures
+        delay = self.policy.limits.auth_failure_delay * self._auth_failures
         return task.deferLater(self.clock, delay, lambda: replies.AUTH_FAILED)
 
     def smtp_MAIL(self, argument: bytes) -> Reply:
@@ -571,7 +563,7 @@ class SMTPSession(ESMTP):
             return replies.PARAM_NOT_RECOGNISED
         if any(existing.lower() == path.address.lower() for existing in self._recipients):
             return replies.RECIPIENT_OK  # One copy per address, as RFC 5321 §3.3 allows.
-        limit = self._transaction_account.max_recipients or self.policy.max_recipients
+        limit = self._transaction_account.max_recipients or self.policy.limits.max_recipients
         if len(self._recipients) >= limit:
             return replies.TOO_MANY_RECIPIENTS
         self._recipients.append(path.address)
@@ -586,9 +578,9 @@ class SMTPSession(ESMTP):
             return replies.NEED_RCPT
         self._spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
         self._reader = DataReader(
-            self._spool, self._max_size(self._transaction_account), self.policy.line_endings
+            self._spool, self._max_size(self._transaction_account), self.policy.limits.line_endings
         )
-        self.setTimeout(self.policy.data_timeout)
+        self.setTimeout(self.policy.limits.data_timeout)
         self._send(replies.START_DATA)
         return None
 
@@ -609,7 +601,7 @@ class SMTPSession(ESMTP):
         self._reader = self._spool = None
         sender, recipients, account = self._sender, self._recipients, self._transaction_account
         self._reset_transaction()
-        self.setTimeout(self.policy.command_timeout)
+        self.setTimeout(self.policy.limits.command_timeout)
         if reader.error is not None:
             spool.close()
             return reader.error

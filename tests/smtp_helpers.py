@@ -15,6 +15,7 @@ for an RFC 3463 enhanced status code whose class matches the basic code.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import re
@@ -29,6 +30,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
 from zope.interface import implementer
 
+from mailgate.config import LimitsConfig
 from mailgate.accounts.account import Account
 from mailgate.accounts.memory import MemoryAccountStore
 from mailgate.auth import AccountRealm, AccountStoreChecker
@@ -278,9 +280,12 @@ def cram_response(user: str, password: str, challenge: bytes) -> bytes:
 
 
 def make_policy(role: str = "submission", **overrides: Any) -> SessionPolicy:
+    """A policy for ``role``; overrides name SessionPolicy or LimitsConfig fields."""
+    limit_names = {f.name for f in dataclasses.fields(LimitsConfig)}
+    limits = {k: overrides.pop(k) for k in list(overrides) if k in limit_names}
     values: dict[str, Any] = {"role": role, "hostname": HOSTNAME, "tls": TLS_CONTEXT}
     values.update(overrides)
-    return SessionPolicy(**values)
+    return SessionPolicy(limits=LimitsConfig(**limits), **values)
 
 
 def connect(

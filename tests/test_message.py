@@ -701,7 +701,11 @@ def test_round_trip(
     envelope = data.draw(st.permutations(to + cc + extra))
     # Envelope addresses may differ in case from the headers.
     envelope = [a.upper() if data.draw(st.booleans()) else a for a in envelope]
-    email_ = parse_message(serialise(msg), "sender@example.com", envelope)
+    # No folding: CPython's folder can encode the comma between two addresses as
+    # "=?utf-8?q?=2C?=" (an encoded word, not a separator), which would make this
+    # test about the stdlib's serialiser instead of our parser.
+    raw = msg.as_bytes(policy=policy.SMTP.clone(max_line_length=None))
+    email_ = parse_message(raw, "sender@example.com", envelope)
     assert email_.subject == subject
     in_headers = {a.lower() for a in to + cc}
     expected: list[str] = []
