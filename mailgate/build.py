@@ -100,6 +100,54 @@ def build_routes(config: Config, reactor: Any, http_client: Any) -> dict[str, Ro
     return routes
 
 
+def check_passthrough(config: Config) -> None:
+    """In passthrough mode every credential comes from the SMTP login.
+
+    A credential left in the provider's own settings would be used for logins
+    that do not supply it, so any username and password could send with the
+    operator's key; refuse such a configuration.
+    """
+    accounts = config.accounts
+    if accounts.store != "passthrough":
+        return
+    assert accounts.provider is not None
+    provider = config.providers[accounts.provider]
+    filled = {accounts.username_setting, *accounts.password_settings} - {""}
+    for index, name in enumerate(accounts.password_settings):
+        if name not in webhook.CREDENTIAL_SETTINGS:
+            raise ConfigError(
+                f"accounts.password_settings[{index}]",
+                f"must be one of {', '.join(webhook.CREDENTIAL_SETTINGS)}",
+            )
+    if accounts.username_setting and accounts.username_setting not in webhook.CREDENTIAL_SETTINGS:
+        raise ConfigError("accounts.username_setting", f"must be one of {', '.join(webhook.CREDENTIAL_SETTINGS)}")
+    for name in webhook.CREDENTIAL_SETTINGS:
+        if name in provider.settings:
+            raise ConfigError(
+                f"providers.{provider.name}.{name}",
+                "must not be set: with the passthrough store the SMTP login supplies "
+                f"the credentials ({', '.join(sorted(filled))})",
+            )
+
+
+def check_accounts(config: Config, store: IAccountStore) -> None:
+    """Routes and per-account provider settings must name what the config defines,
+    so a typo stops start-up instead of deferring that account's mail forever."""
+    listing = getattr(store, "accounts", None)
+    if listing is None:
+        return
+    for account in listing():
+        for name in account.route:
+            if name not in config.providers:
+                raise ConfigError(f"accounts.{account.name}.route", f"no provider named {name!r}")
+        for name, settings in account.provider_settings.items():
+            if name not in config.providers:
+                raise ConfigError(f"accounts.{account.name}.providers.{name}", "no such provider")
+            for key in settings:
+                if key not in webhook.CREDENTIAL_SETTINGS + ("signing_secret",):
+                    raise ConfigError(f"accounts.{account.name}.providers.{name}.{key}", "unknown key")
+
+
 def session_policy(config: Config, listener: ListenerConfig, tls: Any, cram_md5: bool) -> SessionPolicy:
     return SessionPolicy(
         role=listener.role,
@@ -147,8 +195,10 @@ def build_service(
     Raises ConfigError (or TLSConfigError) for anything that makes start-up
     impossible, before a single port is bound.
     """
+    check_passthrough(config)
     tls = build_tls(config)
     store = store if store is not None else build_account_store(config)
+    check_accounts(config, store)
     portal = Portal(AccountRealm(), [AccountStoreChecker(store)])
     dispatcher = Dispatcher(build_routes(config, reactor, http_client), config.default_route, reactor)
     cram_md5 = bool(store.supports_cram_md5)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -23,6 +24,7 @@ from mailgate.accounts.account import Account
 from mailgate.interfaces import IDeliverer, IProvider, ITransport
 from mailgate.model import OutboundEmail
 from mailgate.outcome import Delivered, Failed, Outcome, Retry
+from mailgate.replies import sanitise_text
 from mailgate.transports import APITimeout
 
 
@@ -59,7 +61,7 @@ class Dispatcher:
                 refusal = refusal or unsuitable
                 continue
             outcome = yield self._attempt(name, provider, email, account, queue_id)
-            if isinstance(outcome, Retry):
+            if isinstance(outcome, Retry) and not outcome.ambiguous:
                 last_retry = outcome
                 continue
             return outcome
@@ -80,9 +82,12 @@ class Dispatcher:
             try:
                 response = yield provider.transport.send(request)
             except APITimeout as e:
-                outcome: Outcome = Retry(name, str(e), "4.4.1")
-            except Exception as e:  # noqa: BLE001 - any transport failure is transient
+                outcome: Outcome = Retry(name, str(e), "4.4.1", ambiguous=True)
+            except (ConnectError, DNSLookupError) as e:
+                # Nothing was sent: the next provider may safely be tried.
                 outcome = Retry(name, f"cannot reach the API ({type(e).__name__})", "4.4.1")
+            except Exception as e:  # noqa: BLE001 - any other transport failure is transient
+                outcome = Retry(name, f"no complete answer from the API ({type(e).__name__})", "4.4.1", ambiguous=True)
             else:
                 outcome = provider.adapter.classify(request, response)
             if not isinstance(outcome, Delivered):
@@ -107,5 +112,5 @@ class Dispatcher:
 
 def _describe(outcome: Retry | Failed) -> str:
     if isinstance(outcome, Retry):
-        return f"retry ({outcome.enhanced} {outcome.reason})"
-    return f"failed ({outcome.code} {outcome.enhanced} {outcome.reason})"
+        return f"retry ({outcome.enhanced} {sanitise_text(outcome.reason)})"
+    return f"failed ({outcome.code} {outcome.enhanced} {sanitise_text(outcome.reason)})"

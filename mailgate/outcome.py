@@ -37,9 +37,12 @@ class Retry:
     reason: str
     enhanced: str = "4.3.0"
     after: float | None = None
+    # True when the request may have reached the API (a timeout or a reset after
+    # sending): another provider must not be tried, or the message could go twice.
+    ambiguous: bool = False
 
     def reply(self) -> Reply:
-        return Reply(451, self.enhanced, f"Temporary failure at {self.provider}: {self.reason}")
+        return Reply(451, self.enhanced, f"Temporary failure at {self.provider}: {sanitise_text(self.reason)}")
 
 
 @dataclass(frozen=True)

@@ -143,7 +143,16 @@ class TreqTransport:
                 raise ResponseTooLarge(f"response body over {MAX_RESPONSE_BODY} octets")
             chunks.append(data)
 
-        await treq.collect(response, collect)
+        try:
+            await treq.collect(response, collect)
+        except Exception:
+            if 200 <= response.code < 300:
+                # The API accepted the message; only its answer's body is lost (too
+                # large, connection reset, timeout).  Reporting a failure would make
+                # the client send the message again.
+                chunks = []
+            else:
+                raise
         response_headers = tuple(
             (name.decode("latin-1"), value.decode("latin-1"))
             for name, values in response.headers.getAllRawHeaders()

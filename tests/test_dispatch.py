@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from treq.testing import StubTreq
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -75,7 +75,7 @@ def test_first_provider_delivers() -> None:
 def test_transient_failure_fails_over() -> None:
     """A 503 or a connection error moves the message to the next provider on the route."""
     first = ScriptedTransport(HTTPResponse(503, (), b""))
-    second = ScriptedTransport(ConnectionRefusedError())
+    second = ScriptedTransport(error.ConnectionRefusedError())
     third = ScriptedTransport(ok("three"))
     providers = {"p1": route("p1", first), "p2": route("p2", second), "p3": route("p3", third)}
     dispatcher = Dispatcher(providers, ("p1", "p2", "p3"), Clock())
@@ -98,8 +98,21 @@ def test_all_transient_gives_the_last_retry() -> None:
         Clock(),
     )
     outcome = deliver(dispatcher)
-    assert outcome == Retry("p2", "no answer within 30 s", "4.4.1")
+    assert outcome == Retry("p2", "no answer within 30 s", "4.4.1", ambiguous=True)
     assert outcome.reply().code == 451
+
+
+def test_ambiguous_failure_does_not_fail_over() -> None:
+    """A timeout or a reset after sending may mean the API took the message: trying the
+    next provider could deliver it twice, so the client is told to retry instead."""
+    second = ScriptedTransport(ok("two"))
+    for failure in (APITimeout("no answer within 30 s"), error.ConnectionLost()):
+        dispatcher = Dispatcher(
+            {"p1": route("p1", ScriptedTransport(failure)), "p2": route("p2", second)}, ("p1", "p2"), Clock()
+        )
+        outcome = deliver(dispatcher)
+        assert (outcome.provider, outcome.ambiguous, outcome.reply().code) == ("p1", True, 451)
+    assert second.sent == []
 
 
 def test_account_route_overrides_default(logged_errors: Any) -> None:
@@ -184,3 +197,25 @@ def test_capture_writes_redacted_request(tmp_path: Path) -> None:
     assert document["body"]["subject"] == "hi"
     assert document["url"] == "https://api.example/v1"
     assert list((tmp_path / "captured").iterdir()) == [tmp_path / "captured" / "QID9.json"]
+
+
+class Oversized(Resource):
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        request.setResponseCode(200)
+        return b"x" * (2 * 1024 * 1024)
+
+
+def test_accepted_with_unreadable_body_is_delivered() -> None:
+    """An API that answers 2xx but whose body cannot be read (over 1 MiB) took the
+    message: it counts as delivered under mailgate's id, never as a failure."""
+    stub = StubTreq(Oversized())
+    transport = TreqTransport(stub, Clock(), 30)
+    provider = WebhookProvider("p", {"url": "https://api.example/v1"})
+    [request] = provider.build_requests(EMAIL, Account(name="a"), "QID5")
+    result = transport.send(request)
+    stub.flush()
+    response = result.result
+    assert (response.status, response.body) == (200, b"")
+    assert provider.classify(request, response) == Delivered("p", "QID5")

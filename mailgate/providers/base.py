@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,22 @@ class HTTPResponse:
             return json.loads(self.body)
         except (ValueError, UnicodeDecodeError):
             return None
+
+
+_SAFE_ID = re.compile(r"[\x21-\x7e]{1,200}")
+
+
+def safe_message_id(value: object, fallback: str) -> str:
+    """An API's message id, if it is safe in a reply line and a log line.
+
+    The id goes into ``250 2.0.0 Ok: <id>``; an id with spaces, line breaks or
+    non-ASCII could forge reply lines, so such an id is replaced by ours.
+    """
+    if isinstance(value, str | int) and not isinstance(value, bool):
+        text = str(value)
+        if _SAFE_ID.fullmatch(text):
+            return text
+    return fallback
 
 
 def json_request(

@@ -27,11 +27,20 @@ from mailgate.accounts.account import Account
 from mailgate.interfaces import IProvider
 from mailgate.model import EmailAddress, OutboundEmail
 from mailgate.outcome import Delivered, Outcome
-from mailgate.providers.base import HTTPRequest, HTTPResponse, classify_http, json_request
+from mailgate.providers.base import (
+    HTTPRequest,
+    HTTPResponse,
+    classify_http,
+    json_request,
+    safe_message_id,
+)
 
 SCHEMA = "mailgate.email.v1"
 USER_AGENT = "mailgate/0.1"
 SETTINGS = ("url", "token", "username", "password", "signing_secret")
+# Settings that authenticate to the API: in passthrough mode they come only from
+# the SMTP login, never from the server's configuration.
+CREDENTIAL_SETTINGS = ("token", "username", "password")
 
 
 def _address(address: EmailAddress) -> dict[str, str]:
@@ -155,9 +164,8 @@ class WebhookProvider:
             data = response.json()
             if isinstance(data, dict):
                 for key in ("id", "message_id", "MessageID"):
-                    value = data.get(key)
-                    if isinstance(value, str | int) and str(value):
-                        return Delivered(self.name, str(value)[:200])
+                    if key in data:
+                        return Delivered(self.name, safe_message_id(data[key], message_id))
         return outcome
 
 

@@ -164,7 +164,7 @@ API_FAULTS = [
         554,
         "5.7.0 Rejected by api: API refused the credentials (HTTP 401): bad token",
     ),
-    (ScriptedResponse(reset=True), 451, "4.4.1 Temporary failure at api: cannot reach the API"),
+    (ScriptedResponse(reset=True), 451, "4.4.1 Temporary failure at api: no complete answer from the API"),
     (ScriptedResponse(hang=True), 451, "4.4.1 Temporary failure at api: no answer within 2 s"),
 ]
 

@@ -1,0 +1,81 @@
+"""Start-up checks in build.py that stop a dangerous or broken configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mailgate.accounts.account import Account
+from mailgate.build import check_accounts, check_passthrough
+from mailgate.config import ConfigError, parse_config
+
+
+def passthrough_config(tmp_path: Path, **provider: object) -> object:
+    return parse_config(
+        {
+            "listeners": [{"endpoint": "tcp:587", "role": "submission"}],
+            "accounts": {"store": "passthrough", "provider": "main", "password_settings": ["token"]},
+            "providers": {"main": {"type": "webhook", "url": "https://api.example.com/v1", **provider}},
+        },
+        base_dir=tmp_path,
+    )
+
+
+def test_passthrough_refuses_operator_credentials(tmp_path: Path) -> None:
+    """With passthrough logins, a token in the provider's settings would let any login
+    send with the operator's key: start-up refuses it, naming the key."""
+    with pytest.raises(ConfigError, match=r"providers\.main\.token: must not be set"):
+        check_passthrough(passthrough_config(tmp_path, token="operator-token"))
+    with pytest.raises(ConfigError, match=r"providers\.main\.username: must not be set"):
+        check_passthrough(passthrough_config(tmp_path, username="op", password="pw"))
+    check_passthrough(passthrough_config(tmp_path, signing_secret="fine"))
+
+
+def test_passthrough_settings_must_be_credentials(tmp_path: Path) -> None:
+    """The login may only fill credential settings (not, say, the URL)."""
+    config = parse_config(
+        {
+            "listeners": [{"endpoint": "tcp:587", "role": "submission"}],
+            "accounts": {"store": "passthrough", "provider": "main", "password_settings": ["url"]},
+            "providers": {"main": {"type": "webhook", "url": "https://api.example.com/v1"}},
+        },
+        base_dir=tmp_path,
+    )
+    with pytest.raises(ConfigError, match=r"accounts\.password_settings\[0\]: must be one of token"):
+        check_passthrough(config)
+
+
+class Listing:
+    def __init__(self, *accounts: Account):
+        self._accounts = accounts
+
+    def accounts(self) -> tuple[Account, ...]:
+        return self._accounts
+
+
+def file_config(tmp_path: Path) -> object:
+    return parse_config(
+        {
+            "listeners": [{"endpoint": "tcp:587", "role": "submission"}],
+            "accounts": {"store": "file", "path": "accounts.toml"},
+            "providers": {"main": {"type": "webhook", "url": "https://api.example.com/v1"}},
+        },
+        base_dir=tmp_path,
+    )
+
+
+@pytest.mark.parametrize(
+    ("account", "message"),
+    [
+        (Account(name="a", route=("mian",)), r"accounts\.a\.route: no provider named 'mian'"),
+        (Account(name="b", provider_settings={"other": {"token": "t"}}), r"accounts\.b\.providers\.other: no such provider"),
+        (Account(name="c", provider_settings={"main": {"tokne": "t"}}), r"accounts\.c\.providers\.main\.tokne: unknown key"),
+    ],
+)
+def test_accounts_checked_against_providers(tmp_path: Path, account: Account, message: str) -> None:
+    """An account naming a missing provider or a misspelt setting stops start-up
+    (a misspelt token would otherwise silently fall back to the server's)."""
+    with pytest.raises(ConfigError, match=message):
+        check_accounts(file_config(tmp_path), Listing(account))
+    check_accounts(file_config(tmp_path), Listing(Account(name="ok", route=("main",), provider_settings={"main": {"token": "t"}})))
