@@ -10,6 +10,8 @@ typo never silently falls back to a default.  Every key is documented in
 from __future__ import annotations
 
 import ipaddress
+import math
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -140,6 +142,10 @@ def load_config(path: Path) -> Config:
     return parse_config(data, base_dir=path.parent.resolve(), source=path)
 
 
+_KIND_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "a table"}
+_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+
+
 class _Table:
     """A TOML table being consumed: typed getters that name the key on error."""
 
@@ -159,8 +165,9 @@ class _Table:
         if isinstance(value, bool) and kind in (int, float, (int, float)):
             raise ConfigError(self._path(name), "must be a number")
         if not isinstance(value, kind):
-            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            raise ConfigError(self._path(name), f"must be a {names.replace('str', 'string')}")
+            kinds = (kind,) if isinstance(kind, type) else kind
+            names = " or ".join(_KIND_NAMES.get(k, k.__name__) for k in kinds)
+            raise ConfigError(self._path(name), f"must be {names}")
         return value
 
     def string(self, name: str, default: str | None = None, choices: tuple[str, ...] = ()) -> Any:
@@ -171,8 +178,8 @@ class _Table:
 
     def positive(self, name: str, default: float, integer: bool = False) -> Any:
         value = self.take(name, int if integer else (int, float), default)
-        if value <= 0:
-            raise ConfigError(self._path(name), "must be greater than zero")
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(self._path(name), "must be a finite number greater than zero")
         return value
 
     def strings(self, name: str) -> tuple[str, ...]:
@@ -202,8 +209,12 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
     top = _Table(data, "")
 
     server_t = top.table("server")
+    hostname = server_t.string("hostname", socket.getfqdn())
+    if not _HOSTNAME.fullmatch(hostname):
+        # It appears in the greeting, EHLO reply and Received headers.
+        raise ConfigError("server.hostname", "must be a domain name (letters, digits, dots, hyphens)")
     server = ServerConfig(
-        hostname=server_t.string("hostname", socket.getfqdn()),
+        hostname=hostname,
         state_dir=server_t.path("state_dir", base_dir, base_dir / "mailgate-state"),  # type: ignore[arg-type]
     )
     server_t.finish()
@@ -250,8 +261,8 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
         ),
         auth_failure_delay=float(limits_t.take("auth_failure_delay", (int, float), 1.0)),
     )
-    if limits.auth_failure_delay < 0:
-        raise ConfigError("limits.auth_failure_delay", "must not be negative")
+    if not math.isfinite(limits.auth_failure_delay) or limits.auth_failure_delay < 0:
+        raise ConfigError("limits.auth_failure_delay", "must be a finite number, not negative")
     limits_t.finish()
 
     providers_t = top.table("providers")

@@ -71,5 +71,10 @@ def makeService(options: Options) -> IService:
     except (ConfigError, TLSConfigError) as e:
         sys.stderr.write(f"mailgate: configuration error: {e}\n")
         raise SystemExit(1) from None
+    except OSError as e:
+        # An unwritable state directory or unreadable accounts file, say.
+        where = f": {e.filename}" if e.filename else ""
+        sys.stderr.write(f"mailgate: error: {e.strerror or e}{where}\n")
+        raise SystemExit(1) from None
     _ClosePool(pool).setServiceParent(service)
     return service

@@ -77,7 +77,7 @@ def test_provider_secrets_are_not_in_repr(tmp_path: Path) -> None:
             "listeners[0].trusted_networks: only a relay listener",
         ),
         (with_(listeners=[{"endpoint": "tcp:25", "role": "relay", "port": 25}]), "listeners[0].port: unknown key"),
-        (with_(limits={"max_recipients": 0}), "limits.max_recipients: must be greater than zero"),
+        (with_(limits={"max_recipients": 0}), "limits.max_recipients: must be a finite number greater than zero"),
         (with_(limits={"max_recipients": True}), "limits.max_recipients: must be a number"),
         (with_(limits={"max_message_size": "ten"}), "limits.max_message_size"),
         (with_(limits={"line_endings": "fix"}), "limits.line_endings: must be one of reject, normalize"),
@@ -91,6 +91,12 @@ def test_provider_secrets_are_not_in_repr(tmp_path: Path) -> None:
         (with_(tls={"certificate": "a.pem"}), "tls.private_key: certificate and private_key must be given together"),
         (with_(admin={"endpoint": "tcp:9025"}), "admin: unknown key"),
         (with_(server={"hostname": 5}), "server.hostname: must be a string"),
+        (with_(server={"hostname": "mx.example.com\n250 x"}), "server.hostname: must be a domain name"),
+        (with_(server={"hostname": ""}), "server.hostname: must be a domain name"),
+        (with_(limits={"command_timeout": float("nan")}), "limits.command_timeout: must be a finite number"),
+        (with_(limits={"data_timeout": float("inf")}), "limits.data_timeout: must be a finite number"),
+        (with_(limits={"auth_failure_delay": float("nan")}), "limits.auth_failure_delay: must be a finite number"),
+        (with_(limits={"max_recipients": "50"}), "limits.max_recipients: must be an integer"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, data: dict[str, object], message: str) -> None:

@@ -82,7 +82,15 @@ def test_store_provides_interface(tmp_path: Path) -> None:
 def test_example_file_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """etc/accounts.toml.example is valid and every key lands in the Account."""
     monkeypatch.setenv("ALICE_POSTMARK_TOKEN", "pm-token")
-    entries = load_accounts(EXAMPLE)
+    text = EXAMPLE.read_text()
+    with pytest.raises(ConfigError):
+        load_accounts(EXAMPLE)  # Its placeholders are refused: never deployable as is.
+    text = text.replace('"REPLACE-WITH: mailgate account passwd alice"', f'"{passwords.hash_password("x")}"')
+    text = text.replace('"REPLACE-WITH: mailgate account passwd alice --cram-md5"', f'"{passwords.cram_md5_state("x")}"')
+    text = text.replace('"REPLACE-WITH: mailgate account passwd app1 --generate-key"', f'"{passwords.hash_api_key("k")}"')
+    filled = tmp_path / "accounts.toml"
+    filled.write_text(text)
+    entries = load_accounts(filled)
     assert sorted(entries) == ["alice", "app1"]
     alice = entries["alice"].account
     assert alice == Account(

@@ -133,3 +133,20 @@ def test_configuration_error_is_one_line_without_traceback(tmp_path: Path, confi
     assert completed.returncode != 0
     assert "Traceback" not in completed.stdout + completed.stderr
     assert message in completed.stderr
+
+
+def test_unusable_state_directory_is_one_line(tmp_path: Path) -> None:
+    """A development state directory that cannot be created stops start-up with one line."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    completed = subprocess.run(
+        [*TWISTD, "-n", "--pidfile=", "mailgate", "--state-dir", str(blocker / "state")],
+        capture_output=True,
+        text=True,
+        env=run_env(),
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode != 0
+    assert "Traceback" not in completed.stdout + completed.stderr
+    assert completed.stderr.startswith("mailgate: error: ")
