@@ -122,6 +122,9 @@ _STRUCTURAL = frozenset(
         "received",
     }
 )
+# Headers that name who wrote or sent a message (RFC 5322 §3.6.2, §3.6.6): all of
+# them are checked against an account's allowed senders.
+_AUTHOR_HEADERS = ("from", "sender", "resent-from", "resent-sender")
 # Removed from ``raw``: never disclose blind recipients (ARCHITECTURE.md §1).
 _RAW_DROP = frozenset({"bcc", "resent-bcc"})
 
@@ -246,6 +249,11 @@ def _parse(
         date=_raw_header(msg, "date") or None,
         controls=extract_controls(all_headers, defaults),
         raw=_filter_raw(raw),
+        author_addresses=tuple(
+            mailbox.address
+            for name in _AUTHOR_HEADERS
+            for mailbox in (from_list if name == "from" else _addresses(msg, name))
+        ),
     )
 
 

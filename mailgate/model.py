@@ -92,6 +92,9 @@ class OutboundEmail:
     date: str | None
     controls: Controls
     raw: bytes = field(repr=False)
+    # Every mailbox of every From, Sender, Resent-From and Resent-Sender field:
+    # what an account's sender restriction must cover (not just ``from_``).
+    author_addresses: tuple[str, ...] = ()
 
     @property
     def inline_parts(self) -> tuple[Attachment, ...]:

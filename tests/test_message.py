@@ -742,3 +742,24 @@ def test_simple_mailbox_fast_path_agrees_with_stdlib(mailboxes: list[str], separ
     fast = simple_mailboxes(value)
     header = default.header_fetch_parse("To", value)
     assert fast == [(a.display_name, a.addr_spec) for a in header.addresses]
+
+
+def test_author_addresses_cover_every_sender_header() -> None:
+    """Every mailbox of every From, Sender and Resent-From field is listed, so a sender
+    restriction cannot be dodged with a second From or a Sender header."""
+    raw = crlf(
+        "From: Bob <bob@example.com>, ceo@bank.example\n"
+        "From: other@evil.example\n"
+        "Sender: relay@example.net\n"
+        "Resent-From: =?utf-8?q?R=C3=A9?= <re@example.org>\n"
+        "Subject: x\n\nbody\n"
+    )
+    email_ = parse_message(raw, "bob@example.com", ["a@example.org"])
+    assert email_.from_ == EmailAddress("bob@example.com", "Bob")
+    assert email_.author_addresses == (
+        "bob@example.com",
+        "ceo@bank.example",
+        "other@evil.example",
+        "relay@example.net",
+        "re@example.org",
+    )
