@@ -84,7 +84,12 @@ class DataReader:
             self._previous_ended_crlf = line_end_crlf
             out.append(self._line(body, line_end_crlf, continuing))
         if out and self.error is None:
-            self._sink.write(b"".join(out))
+            try:
+                self._sink.write(b"".join(out))
+            except OSError:
+                # Disk full (the spool rolled over to a file): keep reading to the
+                # real end of data, then answer 452 (RFC 5321 §4.2.2); never drop.
+                self._fail(replies.SPOOL_WRITE_FAILED)
         return leftover
 
     def _line(self, body: bytes, line_end_crlf: bool, continuing: bool) -> bytes:

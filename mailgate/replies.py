@@ -78,6 +78,7 @@ TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
 TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many authentication failures, closing connection")
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+SPOOL_WRITE_FAILED = Reply(452, "4.3.1", "Insufficient system storage")
 AUTH_TEMPFAIL = Reply(454, "4.7.0", "Temporary authentication failure")
 TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
 

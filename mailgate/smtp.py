@@ -42,7 +42,7 @@ from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IHandshakeListener, ITLSTransport
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer, ITLSTransport
 from twisted.logger import Logger
 from twisted.mail.smtp import ESMTP, SMTPFactory
 from twisted.python.failure import Failure
@@ -54,11 +54,13 @@ from mailgate.config import LimitsConfig
 from mailgate.framing import DataReader
 from mailgate.ids import new_queue_id
 from mailgate.interfaces import IAccount, IDeliverer
+from mailgate.message import MessageParseError
 from mailgate.replies import Reply
 
 MAX_COMMAND_LINE = 512  # RFC 5321 §4.5.3.1.4, including CRLF.
 SPOOL_IN_MEMORY = 1024 * 1024  # DATA beyond this spills from memory to a temp file.
 PAUSE_READING_AT = 256 * 1024  # Stop reading while a command is pending and this much is buffered.
+CLOSE_GRACE = 10.0  # Seconds a closing connection may take to flush before it is aborted.
 _SYNC_COMMANDS = frozenset({b"EHLO", b"HELO", b"STARTTLS", b"QUIT"})
 
 
@@ -91,7 +93,7 @@ class _Stop:
 STOP = _Stop()
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IPushProducer)
 class SMTPSession(ESMTP):
     """One SMTP connection.  See the module docstring for what it hardens."""
 
@@ -116,8 +118,14 @@ class SMTPSession(ESMTP):
         self.trusted_account = trusted_account
         self.host = policy.hostname.encode("ascii", "replace")
         self.timeout = policy.limits.command_timeout
-        self._buffer = b""
+        # A bytearray: consumed lines are deleted from the front, which CPython does
+        # in O(1), so a read holding many pipelined lines is processed in linear time.
+        self._buffer = bytearray()
         self._processing = False
+        self._producer_paused = False  # The transport's send buffer is full (IPushProducer).
+        self._producer_registered = False
+        self._connection_lost = False
+        self._abort_timer: Any = None
         self._blocked = False
         self._reading_paused = False
         self._closing = False
@@ -142,6 +150,11 @@ class SMTPSession(ESMTP):
         self.peer_ip = getattr(peer, "host", str(peer))
         self.setTimeout(self.policy.limits.command_timeout)
         self._lifetime_timer = self.clock.callLater(self.policy.limits.session_lifetime, self._lifetime_over)
+        # Replies are produced in answer to input: a client that never reads them must
+        # not grow our send buffer without limit, so the transport may pause us (and we
+        # then stop reading).  On STARTTLS Twisted moves the registration itself.
+        self.transport.registerProducer(self, True)
+        self._producer_registered = True
         if self.policy.implicit_tls:
             self._tls_active = True
             self._start_handshake_timer()
@@ -149,8 +162,10 @@ class SMTPSession(ESMTP):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._closing = True
+        self._connection_lost = True
+        self._producer_registered = False  # The transport forgets its producer on close.
         self.setTimeout(None)
-        for timer in (self._handshake_timer, self._lifetime_timer):
+        for timer in (self._handshake_timer, self._lifetime_timer, self._abort_timer):
             if timer is not None and timer.active():
                 timer.cancel()
         self._discard_data()
@@ -187,9 +202,48 @@ class SMTPSession(ESMTP):
         if self._closing:
             return
         self._send(reply)
+        self._disconnect()
+
+    def _disconnect(self) -> None:
+        """Close after flushing the replies; abort a peer that will not take them.
+
+        A transport does not close while a producer is registered, so we unregister
+        first; a client that never reads would still stall the flush forever, hence
+        the grace timer (the timer is set first: loseConnection may call
+        connectionLost at once, which cancels it)."""
         self._closing = True
         self.setTimeout(None)
+        if self._abort_timer is None:
+            self._abort_timer = self.clock.callLater(CLOSE_GRACE, self._abort_stalled_close)
+        if self._producer_registered:
+            self._producer_registered = False
+            self.transport.unregisterProducer()
         self.transport.loseConnection()
+
+    def _abort_stalled_close(self) -> None:
+        self._abort_timer = None
+        if not self._connection_lost:
+            self.log.info("aborting connection from {peer}: replies not read within the close grace", peer=self.peer_ip)
+            self.transport.abortConnection()
+
+    # -- IPushProducer: the transport throttles our replies ------------------------
+
+    def pauseProducing(self) -> None:
+        """The transport's send buffer is full: stop answering until the client has
+        read some replies (and stop reading once PAUSE_READING_AT is buffered)."""
+        self._producer_paused = True
+        self._flow_control()
+
+    def resumeProducing(self) -> None:
+        self._producer_paused = False
+        self._flow_control()
+        if not self._blocked and not self._closing:
+            self._process()
+
+    def stopProducing(self) -> None:
+        """The connection is gone: nothing more is read, answered or delivered."""
+        self._producer_paused = True
+        self._closing = True
 
     # -- output ----------------------------------------------------------------
 
@@ -219,27 +273,33 @@ class SMTPSession(ESMTP):
             return
         self._processing = True
         try:
-            while self._buffer and not self._blocked and not self._closing:
+            while self._buffer and not self._blocked and not self._closing and not self._producer_paused:
                 if self._reader is not None:
                     self._feed_data()
                     continue
                 end = self._buffer.find(b"\r\n")
                 if end < 0:
                     if len(self._buffer) > auth.MAX_AUTH_LINE:
-                        self._buffer = b""
+                        self._buffer = bytearray()
                         self._send(replies.LINE_TOO_LONG)
                         self._close_with(replies.TOO_MANY_ERRORS)
                     break
-                line = self._buffer[:end]
-                self._buffer = self._buffer[end + 2 :]
+                line = bytes(self._buffer[:end])
+                del self._buffer[: end + 2]  # O(1) in CPython: the start pointer moves.
                 self._line(line)
         finally:
             self._processing = False
         self._flow_control()
 
     def _flow_control(self) -> None:
-        """Stop reading from a client that keeps sending while a reply is pending."""
-        should_pause = self._blocked and len(self._buffer) > PAUSE_READING_AT
+        """Stop reading from a client that keeps sending while a reply is pending,
+        or that does not read our replies (the transport paused us as a producer)."""
+        if self._closing:
+            return  # loseConnection already stopped reading; never resume now.
+        # Only past PAUSE_READING_AT: under TLS the transport pauses us while the
+        # handshake holds our greeting, and reading must go on for it to finish.
+        waiting = self._blocked or self._producer_paused
+        should_pause = waiting and len(self._buffer) > PAUSE_READING_AT
         if should_pause and not self._reading_paused:
             self.transport.pauseProducing()
             self._reading_paused = True
@@ -421,9 +481,7 @@ class SMTPSession(ESMTP):
 
     def smtp_QUIT(self, argument: bytes) -> _Stop:
         self._send(replies.SERVICE_CLOSING)
-        self._closing = True
-        self.setTimeout(None)
-        self.transport.loseConnection()
+        self._disconnect()
         return STOP
 
     def smtp_STARTTLS(self, argument: bytes) -> Reply | _Stop:
@@ -436,7 +494,7 @@ class SMTPSession(ESMTP):
         self._send(replies.READY_TLS)
         # RFC 3207 §4.2: discard anything sent before the handshake and forget
         # everything learnt so far (SECURITY.md 1).
-        self._buffer = b""
+        self._buffer = bytearray()
         self._reset_session()
         self._auth = None
         self._tls_active = True
@@ -588,11 +646,11 @@ class SMTPSession(ESMTP):
 
     def _feed_data(self) -> None:
         assert self._reader is not None
-        data, self._buffer = self._buffer, b""
+        data, self._buffer = bytes(self._buffer), bytearray()
         leftover = self._reader.feed(data)
         if leftover is None:
             return
-        self._buffer = leftover
+        self._buffer = bytearray(leftover)
         self._await(self._end_of_data())
 
     def _end_of_data(self) -> Any:
@@ -607,9 +665,14 @@ class SMTPSession(ESMTP):
             return reader.error
         assert sender is not None and account is not None
         queue_id = new_queue_id()
-        spool.seek(0)
-        raw = self._received_header(queue_id) + spool.read()
-        spool.close()
+        try:
+            spool.seek(0)
+            raw = self._received_header(queue_id) + spool.read()
+        except OSError as e:
+            self.log.error("cannot read back the spooled message from {peer}: {error}", peer=self.peer_ip, error=e)
+            return replies.LOCAL_ERROR
+        finally:
+            spool.close()
         return defer.maybeDeferred(
             self._deliver, queue_id, raw, sender.address, tuple(recipients), account
         )
@@ -633,12 +696,22 @@ class SMTPSession(ESMTP):
     def _deliver(self, queue_id: str, raw: bytes, sender: str, recipients: tuple[str, ...], account: Account) -> Any:
         try:
             email_ = yield self.parse(raw, sender, recipients, account.defaults)
-        except Exception as e:  # noqa: BLE001 - parse errors must become a reply, never a drop
+        except MessageParseError as e:
             self.log.info("message {queue_id} unparsable: {error}", queue_id=queue_id, error=str(e))
             return replies.UNPARSABLE_MESSAGE
+        except Exception:  # noqa: BLE001 - a parser bug is ours: retry later, never a drop
+            self.log.failure("parser failed on message {queue_id} from {peer}", queue_id=queue_id, peer=self.peer_ip)
+            return replies.LOCAL_ERROR
+        if self._closing:
+            # The client left while we parsed (possibly in a thread): it will not
+            # hear a verdict, so it will retry; delivering now would duplicate.
+            self.log.info("message {queue_id} not delivered: client disconnected", queue_id=queue_id)
+            return None
         if account.allowed_senders:
-            from_address = email_.from_.address if email_.from_ is not None else ""
-            if not account.sender_allowed(from_address):
+            # Every From mailbox and every Sender/Resent-* address, not only the first
+            # From: otherwise a second From or a Sender header would slip through.
+            authors = email_.author_addresses or ("",)
+            if not all(account.sender_allowed(address) for address in authors):
                 return replies.FROM_NOT_ALLOWED
         outcome = yield self.deliverer.deliver(email_, account, queue_id)
         reply = outcome.reply()

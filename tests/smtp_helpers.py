@@ -61,9 +61,6 @@ ACCOUNTS = {
 _REPLY_LINE = re.compile(rb"\A(\d{3})([ -])(.*)\Z", re.DOTALL)
 _ENHANCED = re.compile(r"\A([245])\.\d{1,3}\.\d{1,3}(?: |\Z)")
 
-# Every reply line seen by any Client in this test process (see test_all_replies_...).
-ALL_REPLY_LINES: list[str] = []
-
 MESSAGE = (
     b"From: Alice <alice@example.com>\r\n"
     b"To: Bob <bob@example.net>\r\n"
@@ -197,7 +194,6 @@ class Client:
         assert data.endswith(b"\r\n"), data
         lines = [line.decode("ascii") for line in data[:-2].split(b"\r\n")]
         check_reply_lines(lines)
-        ALL_REPLY_LINES.extend(lines)
         return lines
 
     def send(self, data: bytes | str) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 from itertools import pairwise
 
@@ -262,3 +263,28 @@ def test_stuffing_round_trip(lines):
     stuffed = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
     sink, error, leftover, _ = read([stuffed + b".\r\n"])
     assert (sink, error, leftover) == (message, None, b"")
+
+
+class _FullDisk(io.RawIOBase):
+    """A sink on a full disk: every write fails with ENOSPC."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def write(self, data):  # type: ignore[override]
+        self.writes += 1
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_sink_write_error_is_recorded_and_reading_continues():
+    """An OSError from the sink becomes 452 4.3.1; writing stops, but the reader still
+    finds the real end of data (content lines are never mistaken for commands)."""
+    sink = _FullDisk()
+    reader = DataReader(sink, 10**6)
+    assert reader.feed(b"Subject: x\r\n\r\nline\r\n") is None
+    assert reader.error == replies.SPOOL_WRITE_FAILED
+    assert reader.error.code == 452 and reader.error.enhanced == "4.3.1"
+    assert reader.feed(b"QUIT\r\nmore\r\n") is None
+    assert reader.feed(b".\r\nNOOP\r\n") == b"NOOP\r\n"
+    assert reader.done
+    assert sink.writes == 1

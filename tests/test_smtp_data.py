@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 from ipaddress import ip_network
 
@@ -9,8 +10,9 @@ import pytest
 from twisted.internet import defer
 from zope.interface.verify import verifyObject
 
+from mailgate import smtp
 from mailgate.interfaces import IDeliverer
-from mailgate.message import MAX_DEPTH
+from mailgate.message import MAX_DEPTH, MessageParseError, parse_message
 from mailgate.outcome import Delivered, Failed, Retry
 from tests.smtp_helpers import (
     ALICE,
@@ -437,15 +439,58 @@ def test_unparsable_message():
     assert client.message() == [OK]
 
 
-def test_parser_exception_never_drops_connection():
-    """Whatever the parser raises, the client gets 554 5.6.0 and the session survives."""
+def test_parser_exception_never_drops_connection(logged_errors):
+    """A parser bug (any exception but MessageParseError) is our fault: 451 4.3.0, logged
+    with its traceback, never a permanent 554; the session survives."""
 
     def broken_parse(*args, **kwargs):
         raise ValueError("boom")
 
     client = authed_client(parse=broken_parse)
+    assert client.message() == ["451 4.3.0 Local error in processing, try again later"]
+    assert not client.closed
+    assert client.deliverer.calls == []
+    [event] = logged_errors.take()
+    assert event["log_failure"].check(ValueError)
+
+
+def test_unparsable_message_is_permanent():
+    """Only MessageParseError, the parser's verdict on bad input, becomes 554 5.6.0."""
+
+    def refusing_parse(*args, **kwargs):
+        raise MessageParseError("MIME structure is nested too deeply")
+
+    client = authed_client(parse=refusing_parse)
     assert client.message() == ["554 5.6.0 Message could not be parsed"]
     assert not client.closed
+
+
+def test_parser_deferred_failure_is_transient(logged_errors):
+    """A parser running off-thread that fails with a bug also gives 451, not 554."""
+    client = authed_client(parse=lambda *args: defer.fail(KeyError("bug")))
+    assert client.message() == ["451 4.3.0 Local error in processing, try again later"]
+    assert len(logged_errors.take()) == 1
+
+
+def test_no_delivery_after_disconnect_during_parse():
+    """A client that disconnects while its message is being parsed (in a thread) gets
+    no delivery: it heard no verdict and will retry, so delivering would duplicate."""
+    pending: list = []
+
+    def slow_parse(*args):
+        d = defer.Deferred()
+        pending.append((d, args))
+        return d
+
+    client = authed_client(parse=slow_parse)
+    client.transaction()
+    assert client.send(stuff(MESSAGE) + b".\r\n") == []
+    client.transport.loseConnection()  # StringTransportWithDisconnection: connectionLost now.
+    d, args = pending[0]
+    d.callback(parse_message(*args))
+    assert client.deliverer.calls == []
+    assert client.session.messages_accepted == 0
+    assert client.replies() == []
 
 
 def test_parser_may_return_deferred():
@@ -540,3 +585,65 @@ def test_session_lifetime_mid_data_delivers_nothing():
     assert client.replies() == ["421 4.4.2 Session lifetime exceeded, closing connection"]
     client.session.dataReceived(b"\r\n.\r\n")
     assert client.deliverer.calls == []
+
+
+# -- spool failures (disk full) -------------------------------------------------------------
+
+
+class _FailingSpool:
+    """A spool standing in for SpooledTemporaryFile after it rolled over to a full disk."""
+
+    def __init__(self, fail_write: bool = True, fail_read: bool = False) -> None:
+        self.fail_write, self.fail_read = fail_write, fail_read
+        self.data = b""
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        if self.fail_write:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.data += data
+        return len(data)
+
+    def seek(self, offset: int) -> None:
+        if self.fail_read:
+            raise OSError(errno.EIO, "Input/output error")
+
+    def read(self) -> bytes:
+        return self.data
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_disk_full_during_data_answers_452_after_the_dot(monkeypatch):
+    """ENOSPC writing the spool neither escapes dataReceived nor ends DATA early: the
+    session reads to the real end of data, answers 452 4.3.1 and stays usable."""
+    spools: list[_FailingSpool] = []
+
+    def factory(*args, **kwargs):
+        spools.append(_FailingSpool())
+        return spools[-1]
+
+    monkeypatch.setattr(smtp.tempfile, "SpooledTemporaryFile", factory)
+    client = authed_client()
+    client.transaction()
+    assert client.send(b"Subject: x\r\n\r\nRSET\r\nQUIT\r\n") == []
+    assert client.send(b"more\r\n.\r\nNOOP\r\n") == [
+        "452 4.3.1 Insufficient system storage",
+        "250 2.0.0 Ok",
+    ]
+    assert client.deliverer.calls == []
+    assert spools[0].closed
+    assert not client.closed
+
+
+def test_spool_read_back_failure_answers_451(monkeypatch, logged_errors):
+    """An OSError reading the spool back at the final dot becomes 451 4.3.0, not a drop."""
+    monkeypatch.setattr(
+        smtp.tempfile, "SpooledTemporaryFile", lambda *a, **k: _FailingSpool(fail_write=False, fail_read=True)
+    )
+    client = authed_client()
+    assert client.message() == ["451 4.3.0 Local error in processing, try again later"]
+    assert client.deliverer.calls == []
+    assert not client.closed
+    assert len(logged_errors.take()) == 1

@@ -10,7 +10,6 @@ from mailgate import smtp
 from mailgate.accounts.memory import MemoryAccountStore
 from tests.smtp_helpers import (
     ACCOUNTS,
-    ALL_REPLY_LINES,
     TLS_CONTEXT,
     TRUSTED,
     FakeDeliverer,
@@ -650,12 +649,6 @@ def test_ehlo_must_end_a_pipelined_group():
     assert client.closed
 
 
-def test_all_replies_well_formed_so_far():
-    """Every reply collected by this module's clients was well formed and carried an enhanced code where due."""
-    assert ALL_REPLY_LINES
-    check_reply_lines(ALL_REPLY_LINES)
-
-
 def test_factory_builds_configured_sessions():
     """The listener factory builds one fresh session per connection with its policy, portal and deliverer."""
     from twisted.cred.portal import Portal
@@ -697,3 +690,101 @@ def test_reply_catalogue_is_ascii_with_enhanced_codes():
             continue
         assert reply.enhanced[:1] == str(reply.code)[0], name
         check_reply_lines([line.decode("ascii") for line in reply.lines()])
+
+
+# -- back-pressure: a client that does not read its replies (IPushProducer) -----------------
+
+
+def test_session_is_a_streaming_producer_on_its_transport():
+    """The session registers itself as a streaming producer, so a full send buffer pauses it."""
+    from twisted.internet.interfaces import IPushProducer
+    from zope.interface.verify import verifyObject
+
+    client = relay_client()
+    assert client.transport.producer is client.session
+    assert client.transport.streaming is True
+    assert verifyObject(IPushProducer, client.session)
+
+
+def test_paused_session_answers_nothing_and_stops_reading_until_resumed():
+    """When the transport pauses the session, buffered commands wait (and reading stops)
+    until it resumes; then they are answered in order."""
+    client = relay_client()
+    client.session.pauseProducing()
+    assert client.send(b"NOOP\r\nRSET\r\nNOOP\r\n") == []
+    assert client.transport.producerState == "producing"  # A little input may wait...
+    flood = b"NOOP\r\n" * (smtp.PAUSE_READING_AT // 6 + 1)
+    assert client.send(flood) == []
+    assert client.transport.producerState == "paused"  # ...but reading stops past the cap.
+    client.session.resumeProducing()
+    assert client.transport.producerState == "producing"
+    lines = client.replies()
+    assert lines[:3] == ["250 2.0.0 Ok", "250 2.0.0 Reset state", "250 2.0.0 Ok"]
+    assert len(lines) == 3 + len(flood) // 6
+
+
+def test_pause_while_answering_stops_after_the_current_reply():
+    """The transport pauses us from inside write() when its buffer fills: the rest of
+    the pipelined group stays unanswered (and unread) until it resumes."""
+    client = relay_client()
+    session, transport = client.session, client.transport
+    original = transport.writeSequence
+
+    def write_then_fill(seq):
+        original(seq)
+        session.pauseProducing()  # What a full FileDescriptor does to its producer.
+
+    transport.writeSequence = write_then_fill
+    assert client.send(b"NOOP\r\nNOOP\r\nNOOP\r\n") == ["250 2.0.0 Ok"]
+    transport.writeSequence = original
+    session.resumeProducing()
+    assert client.replies() == ["250 2.0.0 Ok", "250 2.0.0 Ok"]
+    assert session._buffer == b""
+
+
+def _stalling(client):
+    """Make the client's transport behave like a socket whose peer never reads: it
+    never finishes closing.  Returns the list that records abortConnection calls."""
+    aborted: list[bool] = []
+    client.transport.loseConnection = lambda: setattr(client.transport, "disconnecting", True)
+    client.transport.abortConnection = lambda: aborted.append(True)
+    return aborted
+
+
+@pytest.mark.parametrize("command", ["QUIT", "idle"])
+def test_close_unregisters_producer_and_aborts_a_stalled_peer(command):
+    """On close the producer is unregistered (a transport with a producer never closes)
+    and a peer that still has not let the close finish after the grace is aborted."""
+    client = relay_client(command_timeout=60)
+    aborted = _stalling(client)
+    if command == "QUIT":
+        assert client.cmd("QUIT") == ["221 2.0.0 Bye"]
+    else:
+        client.clock.advance(60)
+        assert client.replies() == ["421 4.4.2 Timeout exceeded, closing connection"]
+    assert client.transport.producer is None
+    assert client.transport.disconnecting
+    client.clock.advance(smtp.CLOSE_GRACE - 1)
+    assert aborted == []
+    client.clock.advance(1)
+    assert aborted == [True]
+
+
+def test_close_grace_timer_cancelled_when_connection_closes():
+    """A close that completes normally leaves no timer behind and aborts nothing."""
+    client = relay_client()
+    assert client.cmd("QUIT") == ["221 2.0.0 Bye"]
+    assert not client.transport.connected
+    assert client.clock.getDelayedCalls() == []
+
+
+def test_megabyte_of_pipelined_commands_in_one_read():
+    """1 MiB of pipelined NOOPs in one read are all answered and the buffer is emptied
+    (the buffer is consumed in place, not re-sliced per line: linear, not quadratic)."""
+    client = relay_client()
+    count = (1024 * 1024) // len(b"NOOP\r\n")
+    lines = client.send(b"NOOP\r\n" * count)
+    assert len(lines) == count
+    assert set(lines) == {"250 2.0.0 Ok"}
+    assert client.session._buffer == b""
+    assert not client.closed

@@ -207,7 +207,8 @@ def _plain_relay(port: int) -> tuple[int, bytes]:
 @pytest_twisted.ensureDeferred
 async def test_sender_restriction_enforced_end_to_end(gateway: Gateway) -> None:
     """An account limited to one sender gets 553 5.7.1 for another envelope sender and
-    550 5.7.1 for a foreign From: header, and nothing reaches the API."""
+    550 5.7.1 for any foreign author (From:, a second From mailbox or field, Sender:);
+    only the message with its own From: reaches the API."""
     common = dict(user="restricted", password="restricted-test-password", recipients=["bob@example.org"])
     refused = await send_with_smtplib(
         gateway, "submissions", "PLAIN", sender="other@example.com", message=b"Subject: x\r\n\r\nx\r\n", **common
@@ -222,7 +223,21 @@ async def test_sender_restriction_enforced_end_to_end(gateway: Gateway) -> None:
         **common,
     )
     assert (forged.code, forged.text.split(" ")[0]) == (550, "5.7.1")
-    assert gateway.api.requests == []
+    for smuggled in (
+        b"From: owner@example.com, ceo@example.com\r\nSubject: x\r\n\r\nx\r\n",
+        b"From: owner@example.com\r\nFrom: ceo@example.com\r\nSubject: x\r\n\r\nx\r\n",
+        b"From: owner@example.com\r\nSender: ceo@example.com\r\nSubject: x\r\n\r\nx\r\n",
+    ):
+        result = await send_with_smtplib(
+            gateway, "submissions", "PLAIN", sender="owner@example.com", message=smuggled, **common
+        )
+        assert (result.code, result.text.split(" ")[0]) == (550, "5.7.1"), smuggled
+    allowed = await send_with_smtplib(
+        gateway, "submissions", "PLAIN", sender="owner@example.com",
+        message=b"From: Owner <owner@example.com>\r\nSubject: x\r\n\r\nx\r\n", **common,
+    )  # fmt: skip
+    assert allowed.code == 250
+    assert len(gateway.api.requests) == 1
 
 
 @pytest_twisted.ensureDeferred
