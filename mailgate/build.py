@@ -112,21 +112,18 @@ def check_passthrough(config: Config) -> None:
         return
     assert accounts.provider is not None
     provider = config.providers[accounts.provider]
-    filled = {accounts.username_setting, *accounts.password_settings} - {""}
-    for index, name in enumerate(accounts.password_settings):
+    filled = [(f"accounts.password_settings[{i}]", name) for i, name in enumerate(accounts.password_settings)]
+    if accounts.username_setting:
+        filled.append(("accounts.username_setting", accounts.username_setting))
+    for key, name in filled:
         if name not in webhook.CREDENTIAL_SETTINGS:
-            raise ConfigError(
-                f"accounts.password_settings[{index}]",
-                f"must be one of {', '.join(webhook.CREDENTIAL_SETTINGS)}",
-            )
-    if accounts.username_setting and accounts.username_setting not in webhook.CREDENTIAL_SETTINGS:
-        raise ConfigError("accounts.username_setting", f"must be one of {', '.join(webhook.CREDENTIAL_SETTINGS)}")
+            raise ConfigError(key, f"must be one of {', '.join(webhook.CREDENTIAL_SETTINGS)}")
     for name in webhook.CREDENTIAL_SETTINGS:
         if name in provider.settings:
             raise ConfigError(
                 f"providers.{provider.name}.{name}",
                 "must not be set: with the passthrough store the SMTP login supplies "
-                f"the credentials ({', '.join(sorted(filled))})",
+                f"the credentials ({', '.join(sorted(name for _, name in filled))})",
             )
 
 
@@ -144,7 +141,7 @@ def check_accounts(config: Config, store: IAccountStore) -> None:
             if name not in config.providers:
                 raise ConfigError(f"accounts.{account.name}.providers.{name}", "no such provider")
             for key in settings:
-                if key not in webhook.CREDENTIAL_SETTINGS + ("signing_secret",):
+                if key not in webhook.ACCOUNT_SETTINGS:
                     raise ConfigError(f"accounts.{account.name}.providers.{name}.{key}", "unknown key")
 
 

@@ -116,7 +116,6 @@ class SMTPSession(ESMTP):
         self.callLater = clock.callLater  # TimeoutMixin schedules through the injected clock.
         self.parse = parse
         self.trusted_account = trusted_account
-        self.host = policy.hostname.encode("ascii", "replace")
         self.timeout = policy.limits.command_timeout
         # A bytearray: consumed lines are deleted from the front, which CPython does
         # in O(1), so a read holding many pipelined lines is processed in linear time.
@@ -720,7 +719,7 @@ class SMTPSession(ESMTP):
             "size={size}: {reply}",
             queue_id=queue_id,
             account=account.name,
-            provider=getattr(outcome, "provider", "-"),
+            provider=outcome.provider,
             count=len(recipients),
             size=len(raw),
             reply=str(reply),
@@ -750,7 +749,6 @@ class SMTPSessionFactory(SMTPFactory):
         self.clock = clock
         self.parse = parse
         self.trusted_account = trusted_account
-        self.domain = policy.hostname.encode("ascii", "replace")
 
     def buildProtocol(self, addr: Any) -> SMTPSession:
         session = SMTPSession(

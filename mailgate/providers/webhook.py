@@ -41,6 +41,8 @@ SETTINGS = ("url", "token", "username", "password", "signing_secret")
 # Settings that authenticate to the API: in passthrough mode they come only from
 # the SMTP login, never from the server's configuration.
 CREDENTIAL_SETTINGS = ("token", "username", "password")
+# What an account may set for itself (its own credentials and signing secret).
+ACCOUNT_SETTINGS = (*CREDENTIAL_SETTINGS, "signing_secret")
 
 
 def _address(address: EmailAddress) -> dict[str, str]:
