@@ -8,7 +8,6 @@ account store or a fake API.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -27,10 +26,9 @@ from mailgate.auth import AccountRealm, AccountStoreChecker
 from mailgate.config import Config, ConfigError, ListenerConfig
 from mailgate.dispatch import Dispatcher, Route
 from mailgate.interfaces import IAccountStore, IDeliverer
-from mailgate.providers import webhook
+from mailgate.providers import registry
 from mailgate.smtp import SessionPolicy, SMTPSessionFactory
 from mailgate.tls import ReloadableContextFactory, ensure_dev_certificate
-from mailgate.transports import CaptureTransport, TreqTransport
 
 log = Logger()
 
@@ -83,20 +81,14 @@ def build_routes(config: Config, reactor: Any, http_client: Any) -> dict[str, Ro
     """One adapter + transport per configured provider, settings checked by key."""
     routes: dict[str, Route] = {}
     for name, provider in config.providers.items():
+        kind = registry.lookup(name, provider.type)
         settings = dict(provider.settings)
-        allowed = webhook.SETTINGS + (("folder",) if provider.type == "capture" else ())
-        unknown = sorted(set(settings) - set(allowed))
+        unknown = sorted(set(settings) - set(kind.settings))
         if unknown:
             raise ConfigError(f"providers.{name}.{unknown[0]}", "unknown key")
-        if provider.type == "capture":
-            settings.setdefault("url", "https://api.example.invalid/v1/emails")
-            transport: Any = CaptureTransport(Path(settings["folder"]))
-        else:
-            url = settings.get("url")
-            if not isinstance(url, str) or not url.startswith(("https://", "http://")):
-                raise ConfigError(f"providers.{name}.url", "required: the http(s) URL of the API")
-            transport = TreqTransport(http_client, reactor, config.delivery.api_timeout)
-        routes[name] = Route(webhook.WebhookProvider(name, settings), transport)
+        kind.validate(name, settings)
+        transport = kind.transport(settings, reactor, http_client, config.delivery.api_timeout)
+        routes[name] = Route(kind.adapter(name, settings), transport)
     return routes
 
 
@@ -112,13 +104,14 @@ def check_passthrough(config: Config) -> None:
         return
     assert accounts.provider is not None
     provider = config.providers[accounts.provider]
+    credentials = registry.lookup(provider.name, provider.type).credential_settings
     filled = [(f"accounts.password_settings[{i}]", name) for i, name in enumerate(accounts.password_settings)]
     if accounts.username_setting:
         filled.append(("accounts.username_setting", accounts.username_setting))
     for key, name in filled:
-        if name not in webhook.CREDENTIAL_SETTINGS:
-            raise ConfigError(key, f"must be one of {', '.join(webhook.CREDENTIAL_SETTINGS)}")
-    for name in webhook.CREDENTIAL_SETTINGS:
+        if name not in credentials:
+            raise ConfigError(key, f"must be one of {', '.join(credentials)}")
+    for name in credentials:
         if name in provider.settings:
             raise ConfigError(
                 f"providers.{provider.name}.{name}",
@@ -140,8 +133,10 @@ def check_accounts(config: Config, store: IAccountStore) -> None:
         for name, settings in account.provider_settings.items():
             if name not in config.providers:
                 raise ConfigError(f"accounts.{account.name}.providers.{name}", "no such provider")
+            provider = config.providers[name]
+            allowed = registry.lookup(name, provider.type).account_settings
             for key in settings:
-                if key not in webhook.ACCOUNT_SETTINGS:
+                if key not in allowed:
                     raise ConfigError(f"accounts.{account.name}.providers.{name}.{key}", "unknown key")
 
 

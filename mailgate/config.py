@@ -21,6 +21,7 @@ from types import MappingProxyType
 from typing import Any
 
 from mailgate.configvalues import ConfigError, parse_size, resolve_secret
+from mailgate.providers.registry import TYPE_NAMES
 
 __all__ = [
     "AccountsConfig",
@@ -40,7 +41,6 @@ ROLES = ("relay", "submission", "submissions")
 DELIVERY_MODES = ("sync",)
 LINE_ENDING_POLICIES = ("reject", "normalize")
 ACCOUNT_STORES = ("file", "passthrough")
-PROVIDER_TYPES = ("webhook", "capture")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -333,9 +333,9 @@ def _listener(data: Any, key: str) -> ListenerConfig:
 
 
 def _provider(name: str, table: _Table, base_dir: Path) -> ProviderConfig:
-    kind = table.string("type", None, PROVIDER_TYPES)
+    kind = table.string("type", None, TYPE_NAMES)
     if kind is None:
-        raise ConfigError(f"providers.{name}.type", f"required: one of {', '.join(PROVIDER_TYPES)}")
+        raise ConfigError(f"providers.{name}.type", f"required: one of {', '.join(TYPE_NAMES)}")
     settings: dict[str, Any] = {}
     for key in list(table.data):
         value = table.data.pop(key)

@@ -24,6 +24,7 @@ from typing import Any
 from zope.interface import implementer
 
 from mailgate.accounts.account import Account
+from mailgate.configvalues import ConfigError
 from mailgate.interfaces import IProvider
 from mailgate.model import EmailAddress, OutboundEmail
 from mailgate.outcome import Delivered, Outcome
@@ -34,8 +35,11 @@ from mailgate.providers.base import (
     json_request,
     safe_message_id,
 )
+from mailgate.providers.providertype import ProviderType, capture_transport
 
 SCHEMA = "mailgate.email.v1"
+# Where the capture provider pretends to send: never contacted.
+CAPTURE_URL = "https://api.example.invalid/v1/emails"
 USER_AGENT = "mailgate/0.1"
 SETTINGS = ("url", "token", "username", "password", "signing_secret")
 # Settings that authenticate to the API: in passthrough mode they come only from
@@ -176,3 +180,28 @@ def request_id(request: HTTPRequest) -> str:
         if name == "Idempotency-Key":
             return value
     return "unknown"
+
+
+def _validate_capture(name: str, settings: dict[str, Any]) -> None:
+    settings.setdefault("url", CAPTURE_URL)
+    if not isinstance(settings.get("folder"), str):
+        raise ConfigError(f"providers.{name}.folder", "required: the folder captured requests are written to")
+
+
+PROVIDER = ProviderType(
+    name="webhook",
+    adapter=WebhookProvider,
+    settings=SETTINGS,
+    credential_settings=CREDENTIAL_SETTINGS,
+    account_settings=ACCOUNT_SETTINGS,
+)
+# Development: the webhook request, written to a folder instead of being sent.
+CAPTURE = ProviderType(
+    name="capture",
+    adapter=WebhookProvider,
+    settings=(*SETTINGS, "folder"),
+    credential_settings=CREDENTIAL_SETTINGS,
+    account_settings=ACCOUNT_SETTINGS,
+    validate=_validate_capture,
+    transport=capture_transport,
+)

@@ -1,0 +1,60 @@
+"""What :mod:`mailgate.build` needs to know about one kind of provider.
+
+Each adapter module exports ``PROVIDER = ProviderType(...)``; the table of all
+of them is :mod:`mailgate.providers.registry`.  Settings use each provider's
+own words (Postmark ``token``, Bento ``site_uuid``...); ``credential_settings``
+are the ones that authenticate to the API: a passthrough store fills them from
+the SMTP login and they must then be absent from the server configuration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mailgate.configvalues import ConfigError
+from mailgate.interfaces import IProvider, ITransport
+
+
+def http_transport(settings: Mapping[str, Any], reactor: Any, http_client: Any, timeout: float) -> ITransport:
+    """The default: requests go out through the shared treq client."""
+    from mailgate.transports import TreqTransport
+
+    return TreqTransport(http_client, reactor, timeout)
+
+
+def capture_transport(settings: Mapping[str, Any], reactor: Any, http_client: Any, timeout: float) -> ITransport:
+    """Requests are written as JSON files into ``folder`` instead of being sent."""
+    from mailgate.transports import CaptureTransport
+
+    return CaptureTransport(Path(settings["folder"]))
+
+
+def require_url(name: str, settings: dict[str, Any], default: str | None = None) -> None:
+    """``url`` must be an http(s) URL; ``default`` (the API's public base URL) fills it when absent."""
+    if default is not None:
+        settings.setdefault("url", default)
+    url = settings.get("url")
+    if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+        raise ConfigError(f"providers.{name}.url", "required: the http(s) URL of the API")
+
+
+@dataclass(frozen=True)
+class ProviderType:
+    """Everything :mod:`mailgate.build` needs to know about one adapter type."""
+
+    name: str
+    # (provider name, validated settings) -> the pure adapter.
+    adapter: Callable[[str, Mapping[str, Any]], IProvider]
+    # Every key allowed in ``[providers.NAME]`` besides ``type``.
+    settings: tuple[str, ...]
+    # Keys that authenticate to the API (filled from the login in passthrough mode).
+    credential_settings: tuple[str, ...]
+    # Keys an account may set for itself in the accounts store.
+    account_settings: tuple[str, ...]
+    # (provider name, mutable settings): fill defaults, raise ConfigError naming the key.
+    validate: Callable[[str, dict[str, Any]], None] = require_url
+    # (settings, reactor, http client, API timeout) -> the transport carrying the requests.
+    transport: Callable[[Mapping[str, Any], Any, Any, float], ITransport] = http_transport
