@@ -90,6 +90,8 @@ _TRUE = frozenset({"true", "1", "yes"})
 _FALSE = frozenset({"false", "0", "no"})
 # Postmark X-PM-TrackLinks: "None" disables, any other mode enables.
 _POSTMARK_LINK_MODES = {"none": False, "htmlandtext": True, "htmlonly": True, "textonly": True}
+# The same modes as Postmark spells them, kept in Controls.track_links_mode.
+_POSTMARK_LINK_SPELLING = {"none": "None", "htmlandtext": "HtmlAndText", "htmlonly": "HtmlOnly", "textonly": "TextOnly"}
 
 # Kinds of control header.
 _TAG = "tag"
@@ -222,6 +224,8 @@ class _Collector:
             flag = _POSTMARK_LINK_MODES.get(value.lower())
             if flag is None:
                 flag = parse_bool(value)
+            else:
+                self.set_scalar("track_links_mode", rank, _POSTMARK_LINK_SPELLING[value.lower()])
             if flag is not None:
                 self.set_scalar(field, rank, flag)
         elif kind == _TEXT:

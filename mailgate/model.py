@@ -54,6 +54,10 @@ class Controls:
     stream: str | None = None
     track_opens: bool | None = None
     track_clicks: bool | None = None
+    # Postmark's X-PM-TrackLinks mode ("HtmlAndText", "HtmlOnly", "TextOnly" or
+    # "None") when the message chose one; ``track_clicks`` says on/off for every
+    # provider, this only refines which bodies get tracked links.
+    track_links_mode: str | None = None
     transactional: bool | None = None
     layout: str | None = None
     inline_css: bool | None = None

@@ -29,6 +29,9 @@ class HTTPRequest:
     headers: tuple[tuple[str, str], ...] = field(repr=False)
     body: bytes = field(repr=False)
     provider: str = ""
+    # mailgate's queue id for the message: the id of the 250 reply when the API
+    # answers without one of its own.
+    queue_id: str = ""
 
     def redacted_headers(self) -> list[tuple[str, str]]:
         return [
@@ -75,7 +78,12 @@ def safe_message_id(value: object, fallback: str) -> str:
 
 
 def json_request(
-    provider: str, method: str, url: str, payload: Any, headers: list[tuple[str, str]]
+    provider: str,
+    method: str,
+    url: str,
+    payload: Any,
+    headers: list[tuple[str, str]],
+    queue_id: str = "",
 ) -> HTTPRequest:
     body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     return HTTPRequest(
@@ -84,6 +92,7 @@ def json_request(
         headers=(("Content-Type", "application/json"), ("Accept", "application/json"), *headers),
         body=body,
         provider=provider,
+        queue_id=queue_id,
     )
 
 

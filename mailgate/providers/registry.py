@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from mailgate.configvalues import ConfigError
-from mailgate.providers import webhook
+from mailgate.providers import bento, postmark, sendgrid, webhook
 from mailgate.providers.providertype import ProviderType
 
 TYPES: dict[str, ProviderType] = {
@@ -14,6 +14,9 @@ TYPES: dict[str, ProviderType] = {
     for entry in (
         webhook.PROVIDER,
         webhook.CAPTURE,
+        postmark.PROVIDER,
+        bento.PROVIDER,
+        sendgrid.PROVIDER,
     )
 }
 TYPE_NAMES: tuple[str, ...] = tuple(TYPES)

@@ -1,0 +1,211 @@
+"""Postmark: the single-send Email API, ``POST {url}/email``.
+
+Request format: https://postmarkapp.com/developer/api/email-api ("Send a
+single email"): a JSON object with ``From``, ``To``, ``Cc``, ``Bcc`` (comma
+separated, each with an optional display name), ``Subject``, ``HtmlBody`` /
+``TextBody``, ``ReplyTo``, ``Tag``, ``Headers`` (``[{Name, Value}]``),
+``TrackOpens``, ``TrackLinks`` (``None``, ``HtmlAndText``, ``HtmlOnly``,
+``TextOnly``), ``Metadata``, ``Attachments`` (``Name``, ``Content`` in
+base64, ``ContentType``, and ``ContentID`` as ``cid:<id>`` for an inline
+image) and ``MessageStream``; authenticated by the ``X-Postmark-Server-Token``
+header.  The answer is ``{"MessageID": ..., "ErrorCode": 0}``; mailgate's 250
+reply carries that MessageID.
+
+Errors: https://postmarkapp.com/developer/api/overview ("HTTP response codes"
+and "API error codes"): 401 bad token, 413 request over 10 MB, 422 with an
+``ErrorCode``, 429 rate limited, 500/503 Postmark's side.  The ``ErrorCode``
+decides the reply (:data:`ERROR_CODES`): a sender without a confirmed Sender
+Signature is ``550 5.7.1``, an inactive (suppressed) recipient ``550 5.7.1``,
+a rate limit or an account that may not send right now ``451`` (the client,
+or the next provider of the route, tries again), any other content error
+``554 5.6.0`` with Postmark's own message.
+
+Limits checked before sending (the same page): at most 50 recipients (To, Cc
+and Bcc together), 10 MB in total with attachments.  Postmark needs a ``To``:
+when every recipient is blind each gets a copy of their own
+(:func:`mailgate.providers.mapping.split_recipients`).
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from typing import Any
+
+from zope.interface import implementer
+
+from mailgate.accounts.account import Account
+from mailgate.interfaces import IProvider
+from mailgate.model import EmailAddress, OutboundEmail
+from mailgate.outcome import Delivered, Failed, Outcome, Retry
+from mailgate.providers.base import (
+    HTTPRequest,
+    HTTPResponse,
+    classify_http,
+    error_text,
+    json_request,
+    parse_retry_after,
+    safe_message_id,
+)
+from mailgate.providers.mapping import (
+    Recipients,
+    attachment_name,
+    check_limits,
+    encoded_size,
+    forwarded_headers,
+    setting,
+    split_recipients,
+)
+from mailgate.providers.providertype import ProviderType, require_url
+
+API_URL = "https://api.postmarkapp.com"
+USER_AGENT = "mailgate/0.1"
+MAX_RECIPIENTS = 50
+MAX_SIZE = 10 * 1000 * 1000
+SETTINGS = ("url", "token")
+CREDENTIAL_SETTINGS = ("token",)
+
+# Postmark ErrorCode -> outcome (code, enhanced code, transient).  The rest of
+# the API's codes concern other endpoints (templates, servers, domains).
+_SENDER = (550, "5.7.1", False)
+_CONTENT = (554, "5.6.0", False)
+_LATER = (451, "4.7.0", True)
+ERROR_CODES: dict[int, tuple[int, str, bool]] = {
+    10: (554, "5.7.0", False),  # Bad or missing API token
+    100: (451, "4.3.0", True),  # Maintenance
+    300: _CONTENT,  # Invalid email request
+    400: _SENDER,  # Sender Signature not found
+    401: _SENDER,  # Sender signature not confirmed
+    402: _CONTENT,  # Invalid JSON
+    403: _CONTENT,  # Incompatible JSON
+    405: _LATER,  # Not allowed to send (out of credits: the account owner can fix it)
+    406: (550, "5.7.1", False),  # Inactive recipient (suppressed after a bounce, complaint or unsubscribe)
+    409: _CONTENT,  # JSON required
+    411: _CONTENT,  # Forbidden attachment type
+    412: (550, "5.7.1", False),  # Account is pending: only its own domain's recipients
+    413: _LATER,  # Account may not send (suspended or locked until it is cleared)
+    429: _LATER,  # Rate limit exceeded
+}
+
+
+def _addresses(addresses: tuple[EmailAddress, ...]) -> str:
+    return ", ".join(address.formatted() for address in addresses)
+
+
+def track_links(email: OutboundEmail) -> str | None:
+    """Postmark's ``TrackLinks`` mode: the message's own X-PM-TrackLinks mode if on, else both bodies."""
+    controls = email.controls
+    if controls.track_clicks is None:
+        return None
+    if not controls.track_clicks:
+        return "None"
+    if controls.track_links_mode in ("HtmlAndText", "HtmlOnly", "TextOnly"):
+        return controls.track_links_mode
+    return "HtmlAndText"
+
+
+def email_payload(email: OutboundEmail, recipients: Recipients) -> dict[str, Any]:
+    """The ``/email`` JSON document for one copy of ``email``."""
+    controls = email.controls
+    sender = email.from_ or EmailAddress(email.envelope_sender)
+    payload: dict[str, Any] = {"From": sender.formatted(), "To": _addresses(recipients.to)}
+    if recipients.cc:
+        payload["Cc"] = _addresses(recipients.cc)
+    if recipients.bcc:
+        payload["Bcc"] = _addresses(recipients.bcc)
+    payload["Subject"] = email.subject
+    if controls.tags:
+        payload["Tag"] = controls.tags[0]  # Postmark has one tag per message.
+    if email.html is not None:
+        payload["HtmlBody"] = email.html
+    if email.text or email.html is None:
+        # Postmark requires a body: a message with none gets an empty-looking text body.
+        payload["TextBody"] = email.text or " "
+    if email.reply_to:
+        payload["ReplyTo"] = _addresses(email.reply_to)
+    headers = forwarded_headers(email)
+    if headers:
+        payload["Headers"] = [{"Name": name, "Value": value} for name, value in headers]
+    if controls.track_opens is not None:
+        payload["TrackOpens"] = controls.track_opens
+    links = track_links(email)
+    if links is not None:
+        payload["TrackLinks"] = links
+    if controls.metadata:
+        payload["Metadata"] = controls.metadata_dict
+    if email.attachments:
+        attachments = []
+        for index, part in enumerate(email.attachments):
+            item = {
+                "Name": attachment_name(part, index),
+                "Content": base64.b64encode(part.content).decode("ascii"),
+                "ContentType": part.content_type,
+            }
+            if part.inline and part.content_id:
+                item["ContentID"] = f"cid:{part.content_id}"
+            attachments.append(item)
+        payload["Attachments"] = attachments
+    if controls.stream:
+        payload["MessageStream"] = controls.stream
+    return payload
+
+
+@implementer(IProvider)
+class PostmarkProvider:
+    """Adapter for Postmark's Email API."""
+
+    type = "postmark"
+
+    def __init__(self, name: str, settings: Mapping[str, Any]):
+        self.name = name
+        self.settings = settings
+
+    def check(self, email: OutboundEmail, account: Account) -> Failed | None:
+        recipients = len({address.lower() for address in email.envelope_recipients})
+        return check_limits(self.name, "Postmark", recipients, encoded_size(email), MAX_RECIPIENTS, MAX_SIZE)
+
+    def build_requests(self, email: OutboundEmail, account: Account, message_id: str) -> list[HTTPRequest]:
+        token = setting(self.name, self.settings, account, "token") or ""
+        url = str(setting(self.name, self.settings, account, "url")).rstrip("/") + "/email"
+        headers = [("User-Agent", USER_AGENT), ("X-Postmark-Server-Token", token)]
+        return [
+            json_request(self.name, "POST", url, email_payload(email, recipients), headers, message_id)
+            for recipients in split_recipients(email)
+        ]
+
+    def classify(self, request: HTTPRequest, response: HTTPResponse) -> Outcome:
+        return classify_response(self.name, response, request.queue_id)
+
+
+def classify_response(provider: str, response: HTTPResponse, queue_id: str) -> Outcome:
+    """Postmark's answer: its ``ErrorCode`` where it gave one, else the HTTP status."""
+    data = response.json()
+    if not isinstance(data, dict):
+        data = {}
+    code = data.get("ErrorCode")
+    if not isinstance(code, int) or isinstance(code, bool):
+        code = None
+    status = response.status
+    if 200 <= status < 300 and not code:
+        return Delivered(provider, safe_message_id(data.get("MessageID"), queue_id))
+    if code and (200 <= status < 300 or (400 <= status < 500 and status not in (401, 413))):
+        smtp_code, enhanced, transient = ERROR_CODES.get(code, _CONTENT)
+        detail = f"Postmark error {code}: {error_text(response)}"
+        if transient:
+            return Retry(provider, detail, enhanced, parse_retry_after(response.header("Retry-After")))
+        return Failed(provider, detail, smtp_code, enhanced)
+    return classify_http(provider, response, queue_id)
+
+
+def _validate(name: str, settings: dict[str, Any]) -> None:
+    require_url(name, settings, API_URL)
+
+
+PROVIDER = ProviderType(
+    name="postmark",
+    adapter=PostmarkProvider,
+    settings=SETTINGS,
+    credential_settings=CREDENTIAL_SETTINGS,
+    account_settings=CREDENTIAL_SETTINGS,
+    validate=_validate,
+)
