@@ -14,6 +14,8 @@ Decided semantics (ARCHITECTURE.md §1, §6):
   listed in ``headers`` and removed from ``raw``.
 * Control headers are read into ``controls`` and removed from ``headers`` and
   ``raw`` (:mod:`mailgate.controls`).
+* When ``controls.inline_css`` is set, ``html`` has its CSS inlined
+  (:mod:`mailgate.inlinecss`), once, for every provider.
 
 ``raw`` is filtered at byte level, header block only, so the body reaches
 raw-MIME providers byte-for-byte as the client sent it.
@@ -42,6 +44,7 @@ from io import BytesIO, StringIO
 from typing import ClassVar
 
 from mailgate.controls import extract_controls, is_control_header
+from mailgate.inlinecss import inline_css
 from mailgate.model import Attachment, EmailAddress, OutboundEmail
 
 __all__ = [
@@ -231,6 +234,9 @@ def _parse(
 
     from_list = _addresses(msg, "from")
     subject = _first_header_str(msg, "subject")
+    controls = extract_controls(all_headers, defaults)
+    if controls.inline_css and html_body:
+        html_body = inline_css(html_body)
 
     return OutboundEmail(
         envelope_sender=envelope_sender,
@@ -247,7 +253,7 @@ def _parse(
         headers=tuple(headers),
         message_id=_message_id(msg),
         date=_raw_header(msg, "date") or None,
-        controls=extract_controls(all_headers, defaults),
+        controls=controls,
         raw=_filter_raw(raw),
         author_addresses=tuple(
             mailbox.address
