@@ -8,7 +8,7 @@ import shutil
 import smtplib
 import ssl
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,25 @@ def tls_files(tmp_path: Path) -> tuple[Path, Path, Path]:
     return chain, key, ca_path
 
 
-def write_config(tmp: Path, tls_files: tuple[Path, Path, Path], api_url: str, extra: str = "") -> Path:
+def webhook_provider(api_url: str) -> str:
+    """The default ``[providers.api]`` table: the webhook schema, signed, to the fake API."""
+    return f"""
+[providers.api]
+type = "webhook"
+url = "{api_url}/v1/emails"
+token = "env:MAILGATE_TEST_API_TOKEN"
+signing_secret = "{TEST_SIGNING_SECRET}"
+"""
+
+
+def write_config(
+    tmp: Path,
+    tls_files: tuple[Path, Path, Path],
+    api_url: str,
+    extra: str = "",
+    provider: str | None = None,
+) -> Path:
+    """A complete configuration; ``provider`` replaces the default ``[providers.api]`` table."""
     chain, key, _ = tls_files
     config = tmp / "mailgate.toml"
     config.write_text(
@@ -91,12 +109,7 @@ auth_failure_delay = 0.05
 [accounts]
 store = "file"
 path = "accounts.toml"
-
-[providers.api]
-type = "webhook"
-url = "{api_url}/v1/emails"
-token = "env:MAILGATE_TEST_API_TOKEN"
-signing_secret = "{TEST_SIGNING_SECRET}"
+{provider if provider is not None else webhook_provider(api_url)}
 {extra}
 """,
         encoding="utf-8",
@@ -107,9 +120,20 @@ signing_secret = "{TEST_SIGNING_SECRET}"
 @pytest_twisted.async_yield_fixture
 async def gateway(tmp_path: Path, tls_files: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setenv("MAILGATE_TEST_API_TOKEN", TEST_API_TOKEN)
+    async for gateway in gateway_with_accounts(tmp_path, tls_files):
+        yield gateway
+
+
+async def gateway_with_accounts(
+    tmp_path: Path, tls_files: tuple[Path, Path, Path], provider: Callable[[str], str] | None = None
+) -> Any:
+    """A running gateway with the accounts of :data:`PASSWORDS`, made by ``mailgate account add``.
+
+    ``provider(api_url)`` gives the ``[providers.api]`` table (default: the webhook).
+    """
     api = FakeEmailAPI()
     await api.start(reactor)
-    config_path = write_config(tmp_path, tls_files, api.url)
+    config_path = write_config(tmp_path, tls_files, api.url, provider=provider(api.url) if provider else None)
     for user, password in PASSWORDS.items():
         args = ["account", "add", "--config", str(config_path), user, "--password", password, "--cram-md5"]
         if user == "restricted":
