@@ -14,7 +14,8 @@ when pointed at mailgate:
 * Postmark, https://postmarkapp.com/developer/user-guide/send-email-with-smtp :
   ``X-PM-Tag``, ``X-PM-Metadata-<key>``, ``X-PM-Message-Stream``,
   ``X-PM-KeepID``, ``X-PM-TrackOpens``, ``X-PM-TrackLinks`` (values ``None``,
-  ``HtmlAndText``, ``HtmlOnly``, ``TextOnly``).
+  ``HtmlAndText``, ``HtmlOnly``, ``TextOnly``: ``track_clicks`` says on or off,
+  ``track_links_mode`` keeps the mode for adapters that can honour it).
 * Mailgun, https://documentation.mailgun.com/docs/mailgun/user-manual/sending-messages/pass-sending-options :
   ``X-Mailgun-Tag`` ("setting multiple X-Mailgun-Tag headers" gives several
   tags) and ``X-Mailgun-Variables`` (a JSON object of user variables).
@@ -91,7 +92,12 @@ _FALSE = frozenset({"false", "0", "no"})
 # Postmark X-PM-TrackLinks: "None" disables, any other mode enables.
 _POSTMARK_LINK_MODES = {"none": False, "htmlandtext": True, "htmlonly": True, "textonly": True}
 # The same modes as Postmark spells them, kept in Controls.track_links_mode.
-_POSTMARK_LINK_SPELLING = {"none": "None", "htmlandtext": "HtmlAndText", "htmlonly": "HtmlOnly", "textonly": "TextOnly"}
+_POSTMARK_LINK_SPELLING = {
+    "none": "None",
+    "htmlandtext": "HtmlAndText",
+    "htmlonly": "HtmlOnly",
+    "textonly": "TextOnly",
+}
 
 # Kinds of control header.
 _TAG = "tag"

@@ -554,7 +554,7 @@ CONTROL_HEADERS = [
     ("X-PM-TrackOpens", "true", Controls(track_opens=True)),
     ("X-SMTPeter-TrackOpens", "false", Controls(track_opens=False)),
     ("X-Mailgate-Track-Clicks", "no", Controls(track_clicks=False)),
-    ("X-PM-TrackLinks", "HtmlOnly", Controls(track_clicks=True)),
+    ("X-PM-TrackLinks", "HtmlOnly", Controls(track_clicks=True, track_links_mode="HtmlOnly")),
     ("X-SMTPeter-TrackClicks", "1", Controls(track_clicks=True)),
     ("X-Mailgate-Transactional", "true", Controls(transactional=True)),
     ("X-Bento-Transactional", "true", Controls(transactional=True)),

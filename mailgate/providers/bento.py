@@ -127,7 +127,8 @@ class BentoProvider:
                 sent = len(json.loads(request.body)["emails"])
                 return Failed(self.name, f"Bento queued none of the {sent} emails", 554, "5.0.0")
             return Delivered(self.name, request.queue_id)
-        if response.status >= 500 and _AUTHOR_REFUSED in response.body[:2000].decode("utf-8", "replace").lower():
+        text = response.body[:2000].decode("utf-8", "replace").lower()
+        if response.status >= 500 and _AUTHOR_REFUSED in text:
             return Failed(
                 self.name,
                 "the From address is not an author of this Bento account (Bento: "

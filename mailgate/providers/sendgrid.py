@@ -265,7 +265,8 @@ class SendGridProvider:
             detail = error_text(response)
             lowered = detail.lower()
             if "sender identity" in lowered or "from address does not match" in lowered:
-                return Failed(self.name, f"the From address is not a verified SendGrid sender: {detail}", 550, "5.7.1")
+                reason = f"the From address is not a verified SendGrid sender: {detail}"
+                return Failed(self.name, reason, 550, "5.7.1")
             if "maximum credits exceeded" in lowered:
                 return Retry(self.name, f"SendGrid account cannot send now: {detail}", "4.7.0")
         return classify_http(self.name, response, request.queue_id)
