@@ -763,3 +763,59 @@ def test_author_addresses_cover_every_sender_header() -> None:
         "relay@example.net",
         "re@example.org",
     )
+
+
+# --- the Content-Type / Content-Transfer-Encoding fast path -------------------
+
+_HEADER_PIECES = [
+    *"abcdef012 \t\"\\;=/*'%-_.?()",
+    "boundary",
+    "charset",
+    "name",
+    "text/",
+    "multipart/",
+    "utf-8",
+    "=?utf-8?q?x?=",
+    "\r\n ",
+    "é",
+]
+
+
+def _observed(message: EmailMessage) -> object:
+    """What the feed parser, the body walk and the decoder read from the two headers."""
+    try:
+        return (
+            message.get_content_type(),
+            message.get_content_maintype(),
+            message.get_boundary(),
+            message.get_content_charset(),
+            message.get_param("name"),
+            str(message.get("content-transfer-encoding", "")).strip().lower(),
+        )
+    except Exception as exc:  # the stock parser has bugs of its own; they must match too
+        return ("raised", type(exc).__name__)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    st.lists(st.sampled_from(_HEADER_PIECES), max_size=20).map("".join),
+    st.lists(st.sampled_from(_HEADER_PIECES), max_size=6).map("".join),
+)
+def test_plain_string_fast_path_answers_like_the_structured_parser(content_type: str, encoding: str) -> None:
+    """For every value, well-formed or not, the fast path's answers equal policy.default's."""
+    stock = EmailMessage(policy=policy.default)
+    fast = message_module._ParsedMessage(policy=policy.default)
+    for parsed in (stock, fast):
+        parsed._headers.append(("Content-Type", content_type))
+        parsed._headers.append(("Content-Transfer-Encoding", encoding))
+    assert _observed(fast) == _observed(stock)
+
+
+def test_fast_path_is_taken_for_typical_mime_headers() -> None:
+    """The common forms are read as plain strings (else the speed-up silently vanishes)."""
+    fast = message_module._ParsedMessage(policy=policy.default)
+    fast._headers.append(("Content-Type", 'multipart/alternative;\r\n boundary="----=_Part_1_2.3"'))
+    fast._headers.append(("Content-Transfer-Encoding", "quoted-printable"))
+    assert type(fast.get("content-type")) is str
+    assert type(fast.get("content-transfer-encoding")) is str
+    assert fast.get_boundary() == "----=_Part_1_2.3"
