@@ -26,6 +26,7 @@ from mailgate.auth import AccountRealm, AccountStoreChecker
 from mailgate.circuit import CircuitPolicy
 from mailgate.config import Config, ConfigError, ListenerConfig, ProviderConfig
 from mailgate.dispatch import Dispatcher, Route
+from mailgate.events import make_event_sink
 from mailgate.interfaces import IAccountStore, IDeliverer
 from mailgate.providers import registry
 from mailgate.ratelimit import AccountRateLimiter, MessageRate, RequestLimits
@@ -230,7 +231,12 @@ def build_service(
         service = StreamServerEndpointService(endpoint, factory)
         service._raiseSynchronously = True  # A port that cannot be bound stops start-up.
         service.setServiceParent(top)
+    # After the listeners (their order matches config.listeners): stopping it
+    # makes a last attempt, bounded in time, for the events still held.
+    events = make_event_sink(config.events, reactor, http_client)
+    events.setServiceParent(top)
     top.dispatcher = dispatcher  # type: ignore[attr-defined]
+    top.events = events  # type: ignore[attr-defined]
     top.tls = tls  # type: ignore[attr-defined]
     top.account_store = store  # type: ignore[attr-defined]
     return top
