@@ -237,6 +237,7 @@ def build_service(
     events.setServiceParent(top)
     top.dispatcher = dispatcher  # type: ignore[attr-defined]
     top.events = events  # type: ignore[attr-defined]
+    top.message_rate = message_rate  # type: ignore[attr-defined]
     top.tls = tls  # type: ignore[attr-defined]
     top.account_store = store  # type: ignore[attr-defined]
     return top
