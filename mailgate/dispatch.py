@@ -20,7 +20,7 @@ dot, so transient failures are ``451`` and the client keeps the message (RFC
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.internet import defer
@@ -45,8 +45,8 @@ class Route:
 
     adapter: IProvider
     transport: ITransport
-    limits: RequestLimits = RequestLimits()
-    circuit: CircuitPolicy = CircuitPolicy()
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    circuit: CircuitPolicy = field(default_factory=CircuitPolicy)
 
 
 @implementer(IDeliverer)

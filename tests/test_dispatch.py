@@ -228,7 +228,10 @@ def test_accepted_with_unreadable_body_is_delivered() -> None:
 FAST_OPEN = CircuitPolicy(failures=2, cooldown=60, max_cooldown=600)
 
 
-def breaker_route(name: str, transport: Any, limits: RequestLimits = RequestLimits()) -> Route:
+DEFAULT_LIMITS = RequestLimits()
+
+
+def breaker_route(name: str, transport: Any, limits: RequestLimits = DEFAULT_LIMITS) -> Route:
     return Route(WebhookProvider(name, {"url": f"https://{name}.example/v1"}), transport, limits, FAST_OPEN)
 
 

@@ -179,6 +179,6 @@ def test_any_input_gives_a_well_formed_report(address: str, diagnostic: str, hea
     and one recipient block, with lines of at most 998 octets."""
     raw = dsn(recipients=[(address, "5.0.0", diagnostic)], original_headers=headers)
     assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
-    human, report, _ = parts(parse(raw))
-    per_message, recipient = report.get_payload()
+    _, report, _ = parts(parse(raw))
+    _, recipient = report.get_payload()
     assert recipient["Action"] == "failed" and recipient["Status"] == "5.0.0"

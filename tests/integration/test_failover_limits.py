@@ -23,7 +23,14 @@ from mailgate.circuit import CircuitState
 from mailgate.cli import main as cli_main
 from mailgate.testing import FakeEmailAPI, ScriptedResponse
 
-from .conftest import PASSWORDS, TEST_API_TOKEN, Gateway, running_gateway, send_with_smtplib, write_config
+from .conftest import (
+    PASSWORDS,
+    TEST_API_TOKEN,
+    Gateway,
+    running_gateway,
+    send_with_smtplib,
+    write_config,
+)
 
 COOLDOWN = 30.0
 MESSAGE = b"From: alice@example.com\r\nTo: bob@example.org\r\nSubject: failover\r\n\r\nHello.\r\n"
