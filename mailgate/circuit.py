@@ -4,13 +4,15 @@ An API that is down answers every request with a timeout or a 5xx.  Sending
 each message there first costs the client (sync mode) the whole API timeout
 and the API a stampede when it comes back.  The breaker counts consecutive
 transient failures (every :class:`~mailgate.outcome.Retry` an API earns,
-ambiguous or not); at ``failures`` in a row it *opens*: the dispatcher skips
-the provider and fails over to the next one on the route (ARCHITECTURE.md,
-"After acceptance").  After ``cooldown`` seconds it is *half-open*: exactly one
-request (the probe) goes through.  A probe that succeeds closes the circuit; one
-that fails re-opens it for twice the previous cool-down, up to
-``max_cooldown``.  Any answer that is not transient (delivered, or a permanent
-rejection: the API is up and deciding) resets the count.
+ambiguous or not, except a 429: an API that asks us to slow down is up, and
+the quota may be one client's own key); at ``failures`` in a row it *opens*:
+the dispatcher skips the provider and fails over to the next one on the route
+(ARCHITECTURE.md, "After acceptance").  After ``cooldown`` seconds it is
+*half-open*: exactly one request (the probe) goes through.  A probe that
+succeeds closes the circuit; one that fails re-opens it for twice the previous
+cool-down, up to ``max_cooldown``.  Any answer that is not transient
+(delivered, or a permanent rejection: the API is up and deciding) resets the
+count.
 
 The state machine is pure: time comes from an injected ``IReactorTime``
 (``seconds()``), so tests drive it with a ``Clock``.  A state change is logged

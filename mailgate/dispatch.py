@@ -33,6 +33,7 @@ from mailgate.circuit import CircuitBreaker, CircuitPolicy
 from mailgate.interfaces import IDeliverer, IProvider, ITransport
 from mailgate.model import OutboundEmail
 from mailgate.outcome import Delivered, Failed, Outcome, Retry
+from mailgate.providers.base import HTTPResponse
 from mailgate.ratelimit import LimitWaitExceeded, RequestGate, RequestLimits
 from mailgate.replies import sanitise_text
 from mailgate.transports import APITimeout
@@ -165,6 +166,7 @@ class Dispatcher:
         except LimitWaitExceeded as e:
             # Our own limit, not the API's failure: the breaker does not count it.
             return Retry(name, str(e), "4.7.0")
+        response: HTTPResponse | None = None
         try:
             response = yield provider.transport.send(request)
         except APITimeout as e:
@@ -178,10 +180,14 @@ class Dispatcher:
             outcome = provider.adapter.classify(request, response)
         finally:
             release()
-        if isinstance(outcome, Retry):
-            breaker.record_failure()
-        else:
-            breaker.record_success()
+        # A 429 is not counted: the API is up and asks us to slow down, often for
+        # one API key only (passthrough logins each bring their own); the message
+        # fails over, but one client's quota must not open the circuit for everyone.
+        if response is None or response.status != 429:
+            if isinstance(outcome, Retry):
+                breaker.record_failure()
+            else:
+                breaker.record_success()
         return outcome
 
 

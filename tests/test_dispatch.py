@@ -447,3 +447,18 @@ def test_failure_after_a_partial_delivery_never_fails_over() -> None:
     outcome = deliver(dispatcher)
     assert (outcome.provider, outcome.ambiguous, outcome.reply().code) == ("p1", True, 451)
     assert second.sent == []
+
+
+def test_rate_limited_answers_do_not_open_the_circuit() -> None:
+    """A 429 fails over to the next provider but never opens the circuit: the API is up,
+    and the quota may be one passthrough client's own key."""
+    clock = Clock()
+    throttled = ScriptedTransport(*[HTTPResponse(429, (("Retry-After", "10"),), b"")] * 4)
+    backup = Always("backup")
+    dispatcher = Dispatcher(
+        {"p1": breaker_route("p1", throttled), "p2": breaker_route("p2", backup)}, ("p1", "p2"), clock
+    )
+    for index in range(1, 5):
+        assert deliver(dispatcher) == Delivered("p2", f"backup-{index}")
+    assert len(throttled.sent) == 4
+    assert dispatcher.breakers["p1"].state is CircuitState.CLOSED
