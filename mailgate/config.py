@@ -15,7 +15,7 @@ import re
 import socket
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -295,14 +295,11 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
             "max_auth_failures", defaults.max_auth_failures, integer=True
         ),
         auth_failure_delay=float(limits_t.take("auth_failure_delay", (int, float), 1.0)),
+        max_messages_per_minute=limits_t.count("max_messages_per_minute", defaults.max_messages_per_minute),
+        message_burst=limits_t.positive("message_burst", None, integer=True),
     )
     if not math.isfinite(limits.auth_failure_delay) or limits.auth_failure_delay < 0:
         raise ConfigError("limits.auth_failure_delay", "must be a finite number, not negative")
-    limits = replace(
-        limits,
-        max_messages_per_minute=limits_t.count("max_messages_per_minute", 0),
-        message_burst=limits_t.positive("message_burst", None, integer=True),
-    )
     limits_t.finish()
 
     providers_t = top.table("providers")
