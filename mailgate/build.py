@@ -23,10 +23,13 @@ from mailgate.accounts.account import Account
 from mailgate.accounts.filestore import FileAccountStore
 from mailgate.accounts.passthrough import PassthroughStore
 from mailgate.auth import AccountRealm, AccountStoreChecker
-from mailgate.config import Config, ConfigError, ListenerConfig
+from mailgate.circuit import CircuitPolicy
+from mailgate.config import Config, ConfigError, ListenerConfig, ProviderConfig
 from mailgate.dispatch import Dispatcher, Route
+from mailgate.events import make_event_sink
 from mailgate.interfaces import IAccountStore, IDeliverer
 from mailgate.providers import registry
+from mailgate.ratelimit import AccountRateLimiter, MessageRate, RequestLimits
 from mailgate.smtp import SessionPolicy, SMTPSessionFactory
 from mailgate.tls import ReloadableContextFactory, ensure_dev_certificate
 
@@ -88,8 +91,23 @@ def build_routes(config: Config, reactor: Any, http_client: Any) -> dict[str, Ro
             raise ConfigError(f"providers.{name}.{unknown[0]}", "unknown key")
         kind.validate(name, settings)
         transport = kind.transport(settings, reactor, http_client, config.delivery.api_timeout)
-        routes[name] = Route(kind.adapter(name, settings), transport)
+        routes[name] = Route(kind.adapter(name, settings), transport, *provider_policies(provider))
     return routes
+
+
+def provider_policies(provider: ProviderConfig) -> tuple[RequestLimits, CircuitPolicy]:
+    """The dispatcher's limits and circuit breaker policy for one provider."""
+    limits = RequestLimits(provider.max_concurrency, provider.rate, provider.burst)
+    circuit = CircuitPolicy(provider.circuit_failures, provider.circuit_cooldown, provider.circuit_max_cooldown)
+    return limits, circuit
+
+
+def default_message_rate(config: Config) -> MessageRate | None:
+    """``[limits] max_messages_per_minute`` (0: unlimited) and its burst."""
+    per_minute = config.limits.max_messages_per_minute
+    if per_minute == 0:
+        return None
+    return MessageRate(per_minute, config.limits.message_burst or per_minute)
 
 
 def check_passthrough(config: Config) -> None:
@@ -159,6 +177,7 @@ def listener_factory(
     deliverer: IDeliverer,
     reactor: Any,
     cram_md5: bool,
+    message_rate: AccountRateLimiter | None = None,
 ) -> Any:
     """The protocol factory for one listener; ``submissions`` is wrapped in TLS (RFC 8314)."""
     factory = SMTPSessionFactory(
@@ -170,6 +189,7 @@ def listener_factory(
         trusted_account=Account(name="trusted-networks", route=config.default_route)
         if listener.trusted_networks
         else None,
+        message_rate=message_rate,
     )
     if listener.implicit_tls:
         return TLSMemoryBIOFactory(tls, False, factory)
@@ -192,7 +212,13 @@ def build_service(
     store = store if store is not None else build_account_store(config)
     check_accounts(config, store)
     portal = Portal(AccountRealm(), [AccountStoreChecker(store)])
-    dispatcher = Dispatcher(build_routes(config, reactor, http_client), config.default_route, reactor)
+    dispatcher = Dispatcher(
+        build_routes(config, reactor, http_client),
+        config.default_route,
+        reactor,
+        limit_wait=config.delivery.api_timeout,
+    )
+    message_rate = AccountRateLimiter(reactor, default_message_rate(config))
     cram_md5 = bool(store.supports_cram_md5)
     top = MultiService()
     for listener in config.listeners:
@@ -201,11 +227,17 @@ def build_service(
         except (ValueError, TypeError, KeyError) as e:
             index = config.listeners.index(listener)
             raise ConfigError(f"listeners[{index}].endpoint", f"invalid endpoint string: {e}") from None
-        factory = listener_factory(config, listener, tls, portal, dispatcher, reactor, cram_md5)
+        factory = listener_factory(config, listener, tls, portal, dispatcher, reactor, cram_md5, message_rate)
         service = StreamServerEndpointService(endpoint, factory)
         service._raiseSynchronously = True  # A port that cannot be bound stops start-up.
         service.setServiceParent(top)
+    # After the listeners (their order matches config.listeners): stopping it
+    # makes a last attempt, bounded in time, for the events still held.
+    events = make_event_sink(config.events, reactor, http_client)
+    events.setServiceParent(top)
     top.dispatcher = dispatcher  # type: ignore[attr-defined]
+    top.events = events  # type: ignore[attr-defined]
+    top.message_rate = message_rate  # type: ignore[attr-defined]
     top.tls = tls  # type: ignore[attr-defined]
     top.account_store = store  # type: ignore[attr-defined]
     return top

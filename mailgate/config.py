@@ -28,6 +28,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DeliveryConfig",
+    "EventsConfig",
     "LimitsConfig",
     "ListenerConfig",
     "ProviderConfig",
@@ -93,6 +94,10 @@ class LimitsConfig:
     max_errors: int = 10
     max_auth_failures: int = 3
     auth_failure_delay: float = 1.0
+    # Messages per minute per account (0: unlimited) and the burst allowed
+    # (None: the per-minute figure); accounts may set their own.
+    max_messages_per_minute: int = 0
+    message_burst: int | None = None
 
 
 @dataclass(frozen=True)
@@ -108,9 +113,31 @@ class AccountsConfig:
 
 @dataclass(frozen=True)
 class ProviderConfig:
+    """One ``[providers.NAME]`` table: the adapter's settings, and the
+    dispatcher's limits and circuit breaker for it (see :mod:`mailgate.ratelimit`
+    and :mod:`mailgate.circuit`)."""
+
     name: str
     type: str
     settings: Mapping[str, Any] = field(repr=False, default_factory=dict)
+    max_concurrency: int = 32
+    rate: float | None = None
+    burst: int | None = None
+    circuit_failures: int = 5
+    circuit_cooldown: float = 30.0
+    circuit_max_cooldown: float = 600.0
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    """The events webhook (:mod:`mailgate.events`): where delivery events are POSTed."""
+
+    url: str
+    token: str | None = field(default=None, repr=False)
+    signing_secret: str | None = field(default=None, repr=False)
+    timeout: float = 10.0
+    buffer_size: int = 10_000
+    max_attempts: int = 5
 
 
 @dataclass(frozen=True)
@@ -122,6 +149,7 @@ class Config:
     limits: LimitsConfig
     accounts: AccountsConfig
     providers: Mapping[str, ProviderConfig]
+    events: EventsConfig | None = None
     source: Path | None = None
 
     @property
@@ -176,10 +204,17 @@ class _Table:
             raise ConfigError(self._path(name), f"must be one of {', '.join(choices)}")
         return value
 
-    def positive(self, name: str, default: float, integer: bool = False) -> Any:
+    def positive(self, name: str, default: float | None, integer: bool = False) -> Any:
         value = self.take(name, int if integer else (int, float), default)
-        if not math.isfinite(value) or value <= 0:
+        if value is not None and (not math.isfinite(value) or value <= 0):
             raise ConfigError(self._path(name), "must be a finite number greater than zero")
+        return value
+
+    def count(self, name: str, default: int) -> int:
+        """An integer, zero or more."""
+        value: int = self.take(name, int, default)
+        if value < 0:
+            raise ConfigError(self._path(name), "must be zero or a positive integer")
         return value
 
     def strings(self, name: str) -> tuple[str, ...]:
@@ -260,6 +295,8 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
             "max_auth_failures", defaults.max_auth_failures, integer=True
         ),
         auth_failure_delay=float(limits_t.take("auth_failure_delay", (int, float), 1.0)),
+        max_messages_per_minute=limits_t.count("max_messages_per_minute", defaults.max_messages_per_minute),
+        message_burst=limits_t.positive("message_burst", None, integer=True),
     )
     if not math.isfinite(limits.auth_failure_delay) or limits.auth_failure_delay < 0:
         raise ConfigError("limits.auth_failure_delay", "must be a finite number, not negative")
@@ -293,6 +330,8 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
         if not accounts.password_settings:
             raise ConfigError("accounts.password_settings", "required for the passthrough store")
 
+    events = _events(top.data.pop("events", None), base_dir)
+
     top.finish()
     return Config(
         server=server,
@@ -302,6 +341,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
         limits=limits,
         accounts=accounts,
         providers=MappingProxyType(providers),
+        events=events,
         source=source,
     )
 
@@ -336,6 +376,24 @@ def _provider(name: str, table: _Table, base_dir: Path) -> ProviderConfig:
     kind = table.string("type", None, TYPE_NAMES)
     if kind is None:
         raise ConfigError(f"providers.{name}.type", f"required: one of {', '.join(TYPE_NAMES)}")
+    # The dispatcher's keys first; everything left is the adapter's.
+    defaults = ProviderConfig(name, kind)
+    dispatch = {
+        "max_concurrency": table.positive("max_concurrency", defaults.max_concurrency, integer=True),
+        "rate": table.positive("rate", None),
+        "burst": table.positive("burst", None, integer=True),
+        "circuit_failures": table.positive("circuit_failures", defaults.circuit_failures, integer=True),
+        "circuit_cooldown": float(table.positive("circuit_cooldown", defaults.circuit_cooldown)),
+        "circuit_max_cooldown": float(
+            table.positive("circuit_max_cooldown", defaults.circuit_max_cooldown)
+        ),
+    }
+    if dispatch["rate"] is not None:
+        dispatch["rate"] = float(dispatch["rate"])
+    elif dispatch["burst"] is not None:
+        raise ConfigError(f"providers.{name}.burst", "needs rate (requests per second)")
+    if dispatch["circuit_max_cooldown"] < dispatch["circuit_cooldown"]:
+        raise ConfigError(f"providers.{name}.circuit_max_cooldown", "must be at least circuit_cooldown")
     settings: dict[str, Any] = {}
     for key in list(table.data):
         value = table.data.pop(key)
@@ -350,4 +408,34 @@ def _provider(name: str, table: _Table, base_dir: Path) -> ProviderConfig:
         if not isinstance(folder, str):
             raise ConfigError(f"providers.{name}.folder", "must be a string")
         settings["folder"] = str((base_dir / Path(folder).expanduser()).resolve())
-    return ProviderConfig(name=name, type=kind, settings=MappingProxyType(settings))
+    return ProviderConfig(name=name, type=kind, settings=MappingProxyType(settings), **dispatch)
+
+
+def _events(data: Any, base_dir: Path) -> EventsConfig | None:
+    """``[events]``: absent means no events webhook."""
+    if data is None:
+        return None
+    table = _Table(data, "events")
+    url = table.string("url")
+    if not url:
+        raise ConfigError("events.url", "required: the URL delivery events are POSTed to")
+    if not url.startswith(("https://", "http://")):
+        raise ConfigError("events.url", "must be an http:// or https:// URL")
+    token = table.string("token")
+    if token:
+        token = resolve_secret(token, "events.token", base_dir=base_dir)
+        if not re.fullmatch(r"[!-~]+", token):
+            # It goes into an HTTP header: printable ASCII, no spaces or line breaks.
+            raise ConfigError("events.token", "must be printable ASCII without spaces")
+    secret = table.string("signing_secret")
+    defaults = EventsConfig(url)
+    events = EventsConfig(
+        url=url,
+        token=token or None,
+        signing_secret=resolve_secret(secret, "events.signing_secret", base_dir=base_dir) if secret else None,
+        timeout=float(table.positive("timeout", defaults.timeout)),
+        buffer_size=table.positive("buffer_size", defaults.buffer_size, integer=True),
+        max_attempts=table.positive("max_attempts", defaults.max_attempts, integer=True),
+    )
+    table.finish()
+    return events

@@ -1,18 +1,26 @@
 """The dispatcher: the only place that sends requests to providers.
 
 For each message it walks the account's route (ARCHITECTURE.md "After
-acceptance"): a provider that cannot carry the message (``check``) or that
-fails transiently hands over to the next one; a provider that accepts, or
-rejects the content permanently, ends the walk.  In sync mode the outcome is
-the reply to the final dot, so transient failures are ``451`` and the client
-keeps the message (RFC 5321 §4.2.5: a 4yz reply keeps the responsibility with
-the client).
+acceptance"): a provider that cannot carry the message (``check``), whose
+circuit is open (:mod:`mailgate.circuit`), or that fails transiently before
+taking the request hands over to the next one; a provider that accepts, or
+rejects the content permanently, ends the walk, and so does an answer that
+may mean the API took the message (a timeout, a reset): never fail over after
+a provider may have accepted.  When every provider on the route has its
+circuit open, no request is sent and the answer is ``451 4.3.0``.
+
+Each request first passes the provider's :class:`~mailgate.ratelimit.RequestGate`
+(concurrency and rate); a request that cannot get through within
+``limit_wait`` seconds is ``451 4.7.0`` (nothing was sent, so the next
+provider may be tried).  In sync mode the outcome is the reply to the final
+dot, so transient failures are ``451`` and the client keeps the message (RFC
+5321 §4.2.5: a 4yz reply keeps the responsibility with the client).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.internet import defer
@@ -21,55 +29,102 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailgate.accounts.account import Account
+from mailgate.circuit import CircuitBreaker, CircuitPolicy
 from mailgate.interfaces import IDeliverer, IProvider, ITransport
 from mailgate.model import OutboundEmail
 from mailgate.outcome import Delivered, Failed, Outcome, Retry
+from mailgate.providers.base import HTTPResponse
+from mailgate.ratelimit import LimitWaitExceeded, RequestGate, RequestLimits
 from mailgate.replies import sanitise_text
 from mailgate.transports import APITimeout
 
 
 @dataclass(frozen=True)
 class Route:
-    """A configured provider: its pure adapter and the transport that carries its requests."""
+    """A configured provider: its pure adapter, the transport that carries its
+    requests, its request limits and its circuit breaker policy."""
 
     adapter: IProvider
     transport: ITransport
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    circuit: CircuitPolicy = field(default_factory=CircuitPolicy)
 
 
 @implementer(IDeliverer)
 class Dispatcher:
+    """Delivers messages along routes; holds each provider's breaker and gate.
+
+    ``limit_wait``: seconds a request may wait for its provider's concurrency
+    or rate limit (None: no bound).
+    """
+
     log = Logger()
 
-    def __init__(self, providers: Mapping[str, Route], default_route: Sequence[str], clock: Any):
+    def __init__(
+        self,
+        providers: Mapping[str, Route],
+        default_route: Sequence[str],
+        clock: Any,
+        limit_wait: float | None = 30.0,
+    ):
         self.providers = providers
         self.default_route = tuple(default_route)
         self.clock = clock
+        self.limit_wait = limit_wait
+        self.breakers = {name: CircuitBreaker(name, clock, route.circuit) for name, route in providers.items()}
+        self.gates = {name: RequestGate(route.limits, clock) for name, route in providers.items()}
 
     @defer.inlineCallbacks
     def deliver(self, email: OutboundEmail, account: Account, queue_id: str) -> Any:
         route = account.route or self.default_route
         refusal: Failed | None = None
+        misconfigured: Retry | None = None
         last_retry: Retry | None = None
+        circuit_open: list[str] = []
         for name in route:
             provider = self.providers.get(name)
             if provider is None:
                 self.log.error("account {account} routes to unknown provider {name}", account=account.name, name=name)
-                last_retry = Retry(name, "provider is not configured", "4.3.5")
+                misconfigured = Retry(name, "provider is not configured", "4.3.5")
                 continue
             unsuitable = provider.adapter.check(email, account)
             if unsuitable is not None:
                 refusal = refusal or unsuitable
                 continue
-            outcome = yield self._attempt(name, provider, email, account, queue_id)
+            breaker = self.breakers[name]
+            if not breaker.allow():
+                circuit_open.append(name)
+                continue
+            try:
+                outcome = yield self._attempt(name, provider, email, account, queue_id)
+            finally:
+                # A half-open probe that sent nothing (local limit, adapter error)
+                # must not keep the circuit waiting for an answer that never comes.
+                breaker.abandon()
             if isinstance(outcome, Retry) and not outcome.ambiguous:
                 last_retry = outcome
                 continue
             return outcome
         if last_retry is not None:
             return last_retry
+        if circuit_open:
+            return self._all_routes_down(circuit_open)
+        if misconfigured is not None:
+            return misconfigured
         if refusal is not None:
             return refusal
         return Retry("mailgate", "no provider is configured for this account", "4.3.5")
+
+    def _all_routes_down(self, names: list[str]) -> Retry:
+        """Every usable provider's circuit is open: nothing was sent.  ``after``
+        is when the first of them lets a probe through."""
+        after = min(self.breakers[name].retry_in() for name in names)
+        return Retry(
+            "mailgate",
+            f"all routes down (circuit open for {', '.join(names)})",
+            "4.3.0",
+            after=after or None,
+        )
 
     @defer.inlineCallbacks
     def _attempt(
@@ -79,17 +134,10 @@ class Dispatcher:
         delivered: list[Delivered] = []
         for request in requests:
             started = self.clock.seconds()
-            try:
-                response = yield provider.transport.send(request)
-            except APITimeout as e:
-                outcome: Outcome = Retry(name, str(e), "4.4.1", ambiguous=True)
-            except (ConnectError, DNSLookupError) as e:
-                # Nothing was sent: the next provider may safely be tried.
-                outcome = Retry(name, f"cannot reach the API ({type(e).__name__})", "4.4.1")
-            except Exception as e:  # noqa: BLE001 - any other transport failure is transient
-                outcome = Retry(name, f"no complete answer from the API ({type(e).__name__})", "4.4.1", ambiguous=True)
-            else:
-                outcome = provider.adapter.classify(request, response)
+            outcome = yield self._request(name, provider, request)
+            if delivered and isinstance(outcome, Retry) and not outcome.ambiguous:
+                # Part of the message is with this provider: another one must not get it.
+                outcome = replace(outcome, ambiguous=True)
             if not isinstance(outcome, Delivered):
                 # Successes are logged once per message by the session; failed attempts
                 # here, so a failover can be traced provider by provider.
@@ -108,6 +156,39 @@ class Dispatcher:
             return delivered[0]
         ids = ",".join(d.message_id for d in delivered)
         return Delivered(name, ids)
+
+    @defer.inlineCallbacks
+    def _request(self, name: str, provider: Route, request: Any) -> Any:
+        """Send one request through the provider's gate; tell its breaker what came of it."""
+        breaker = self.breakers[name]
+        try:
+            release = yield self.gates[name].acquire(self.limit_wait)
+        except LimitWaitExceeded as e:
+            # Our own limit, not the API's failure: the breaker does not count it.
+            return Retry(name, str(e), "4.7.0")
+        response: HTTPResponse | None = None
+        try:
+            response = yield provider.transport.send(request)
+        except APITimeout as e:
+            outcome: Outcome = Retry(name, str(e), "4.4.1", ambiguous=True)
+        except (ConnectError, DNSLookupError) as e:
+            # Nothing was sent: the next provider may safely be tried.
+            outcome = Retry(name, f"cannot reach the API ({type(e).__name__})", "4.4.1")
+        except Exception as e:  # noqa: BLE001 - any other transport failure is transient
+            outcome = Retry(name, f"no complete answer from the API ({type(e).__name__})", "4.4.1", ambiguous=True)
+        else:
+            outcome = provider.adapter.classify(request, response)
+        finally:
+            release()
+        # A 429 is not counted: the API is up and asks us to slow down, often for
+        # one API key only (passthrough logins each bring their own); the message
+        # fails over, but one client's quota must not open the circuit for everyone.
+        if response is None or response.status != 429:
+            if isinstance(outcome, Retry):
+                breaker.record_failure()
+            else:
+                breaker.record_success()
+        return outcome
 
 
 def _describe(outcome: Retry | Failed) -> str:

@@ -78,3 +78,26 @@ class IDeliverer(Interface):
 
         ``queue_id`` is mailgate's id for the message (logs, Received header,
         idempotency key)."""
+
+
+class IEventSink(Interface):
+    """Where delivery events go (:mod:`mailgate.events`): the events webhook, or nowhere."""
+
+    def emit(  # type: ignore[no-untyped-def]
+        kind,
+        *,
+        queue_id,
+        account,
+        sender,
+        recipients,
+        provider=None,
+        provider_message_id=None,
+        reason=None,
+        attempts=0,
+    ):
+        """Record that message ``queue_id`` was "delivered", "deferred" or "failed".
+
+        Fire and forget: returns None at once, never raises and never waits
+        for the network.  ``account`` is the account's name, ``recipients``
+        the envelope recipients concerned, ``reason`` the last error (for
+        deferred and failed), ``attempts`` the delivery attempts made so far."""

@@ -19,7 +19,8 @@ it (numbers refer to SECURITY.md):
 5. Crashes: every argument is parsed by code that answers with a reply.
 6. Lax AUTH parsing: strict base64, exact PLAIN part counts, authzid checked.
 7. No limits: recipients, errors, AUTH failures (with growing delays), idle
-   timeouts, a TLS handshake timeout and a session lifetime.
+   timeouts, a TLS handshake timeout, a session lifetime, and a message rate
+   per account (``451 4.7.1`` at MAIL).
 8. Blanket 550: replies come from the deliverer's outcome (error table).
 9. Bare LF/CR and NUL in DATA: rejected (or normalised, by configuration).
 10. Header injection through EHLO: the argument must be printable ASCII.
@@ -55,6 +56,7 @@ from mailgate.framing import DataReader
 from mailgate.ids import new_queue_id
 from mailgate.interfaces import IAccount, IDeliverer
 from mailgate.message import MessageParseError
+from mailgate.ratelimit import AccountRateLimiter
 from mailgate.replies import Reply
 
 MAX_COMMAND_LINE = 512  # RFC 5321 §4.5.3.1.4, including CRLF.
@@ -107,6 +109,7 @@ class SMTPSession(ESMTP):
         clock: Any,
         parse: Callable[..., Any],
         trusted_account: Account | None = None,
+        message_rate: AccountRateLimiter | None = None,
     ):
         super().__init__(chal={}, contextFactory=policy.tls)
         self.policy = policy
@@ -116,6 +119,7 @@ class SMTPSession(ESMTP):
         self.callLater = clock.callLater  # TimeoutMixin schedules through the injected clock.
         self.parse = parse
         self.trusted_account = trusted_account
+        self.message_rate = message_rate
         self.timeout = policy.limits.command_timeout
         # A bytearray: consumed lines are deleted from the front, which CPython does
         # in O(1), so a read holding many pipelined lines is processed in linear time.
@@ -604,6 +608,14 @@ class SMTPSession(ESMTP):
                 return replies.PARAM_NOT_RECOGNISED
         if not account.sender_allowed(path.address):
             return replies.SENDER_NOT_ALLOWED
+        if self.message_rate is not None and not self.message_rate.allow(account):
+            # RFC 3463 4.7.1 at MAIL: the client keeps the message and slows down.
+            self.log.info(
+                "account {account} over its message rate; MAIL from {peer} deferred",
+                account=account.name,
+                peer=self.peer_ip,
+            )
+            return replies.MESSAGE_RATE_EXCEEDED
         self._sender = path
         self._recipients = []
         self._transaction_account = account
@@ -742,6 +754,7 @@ class SMTPSessionFactory(SMTPFactory):
         clock: Any,
         parse: Callable[..., Any],
         trusted_account: Account | None = None,
+        message_rate: AccountRateLimiter | None = None,
     ):
         super().__init__(portal)
         self.policy = policy
@@ -749,10 +762,17 @@ class SMTPSessionFactory(SMTPFactory):
         self.clock = clock
         self.parse = parse
         self.trusted_account = trusted_account
+        self.message_rate = message_rate
 
     def buildProtocol(self, addr: Any) -> SMTPSession:
         session = SMTPSession(
-            self.policy, self.portal, self.deliverer, self.clock, self.parse, self.trusted_account
+            self.policy,
+            self.portal,
+            self.deliverer,
+            self.clock,
+            self.parse,
+            self.trusted_account,
+            self.message_rate,
         )
         session.factory = self
         return session

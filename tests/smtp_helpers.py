@@ -295,6 +295,7 @@ def connect(
     trusted_account: Account | None = None,
     parse: Any = parse_message,
     clock: Clock | None = None,
+    message_rate: Any = None,
     **policy: Any,
 ) -> Client:
     """Open a session (greeting consumed and checked) and return its Client."""
@@ -303,7 +304,7 @@ def connect(
     store = store if store is not None else MemoryAccountStore(ACCOUNTS)
     portal = Portal(AccountRealm(), [AccountStoreChecker(store)])
     session = SMTPSession(
-        make_policy(role, **policy), portal, deliverer, clock, parse, trusted_account
+        make_policy(role, **policy), portal, deliverer, clock, parse, trusted_account, message_rate
     )
     peer_address = (
         address.IPv6Address("TCP", peer, 40000) if ipv6 else address.IPv4Address("TCP", peer, 40000)

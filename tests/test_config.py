@@ -28,6 +28,8 @@ def with_(**changes: object) -> dict[str, object]:
 def test_example_configuration_is_valid(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """etc/mailgate.toml.example parses (with its env/file secrets provided), so it documents real keys."""
     monkeypatch.setenv("MAILGATE_API_TOKEN", "token-from-env")
+    monkeypatch.setenv("MAILGATE_EVENTS_TOKEN", "events-token-from-env")
+    monkeypatch.setenv("MAILGATE_EVENTS_SIGNING_SECRET", "events-secret-from-env")
     data = tomllib.loads((REPO / "etc" / "mailgate.toml.example").read_text())
     secret = tmp_path / "secret"
     secret.write_text("signing\n")
@@ -42,6 +44,9 @@ def test_example_configuration_is_valid(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert config.providers["main"].settings["signing_secret"] == "signing"
     assert config.limits.max_message_size == 10 * 1024 * 1024
     assert config.default_route == ("main",)
+    assert (config.providers["main"].rate, config.providers["main"].burst) == (50.0, 100)
+    assert config.limits.max_messages_per_minute == 600
+    assert config.events is not None and config.events.token == "events-token-from-env"
 
 
 def test_defaults_and_relative_paths(tmp_path: Path) -> None:
@@ -60,6 +65,55 @@ def test_provider_secrets_are_not_in_repr(tmp_path: Path) -> None:
     """A provider's settings (tokens) never appear in the config's repr, so logging it is safe."""
     config = parse_config(MINIMAL, base_dir=tmp_path)
     assert "settings" not in repr(config.providers["main"])
+
+
+def provider(**keys: object) -> dict[str, object]:
+    return with_(providers={"main": {"type": "webhook", "url": "https://api.example.com/v1", **keys}})
+
+
+def test_dispatch_keys_are_not_adapter_settings(tmp_path: Path) -> None:
+    """Limits and circuit keys become typed fields of the provider, never adapter settings."""
+    config = parse_config(
+        provider(max_concurrency=4, rate=2.5, burst=10, circuit_failures=3, circuit_cooldown=15, circuit_max_cooldown=120),
+        base_dir=tmp_path,
+    )
+    main = config.providers["main"]
+    assert (main.max_concurrency, main.rate, main.burst) == (4, 2.5, 10)
+    assert (main.circuit_failures, main.circuit_cooldown, main.circuit_max_cooldown) == (3, 15.0, 120.0)
+    assert dict(main.settings) == {"url": "https://api.example.com/v1"}
+
+
+def test_dispatch_defaults(tmp_path: Path) -> None:
+    """Without the keys: 32 requests at once, no rate limit, circuit opens after 5 failures for 30 s
+    (up to 10 minutes); no message rate; no events webhook."""
+    config = parse_config(MINIMAL, base_dir=tmp_path)
+    main = config.providers["main"]
+    assert (main.max_concurrency, main.rate, main.burst) == (32, None, None)
+    assert (main.circuit_failures, main.circuit_cooldown, main.circuit_max_cooldown) == (5, 30.0, 600.0)
+    assert (config.limits.max_messages_per_minute, config.limits.message_burst) == (0, None)
+    assert config.events is None
+
+
+def test_events_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """[events] takes a URL, secrets from env:/file: (kept out of repr), and typed options."""
+    monkeypatch.setenv("MG_TEST_EVENTS_TOKEN", "events-token")
+    (tmp_path / "events-secret").write_text("signing\n")
+    config = parse_config(
+        with_(events={
+            "url": "https://hooks.example.com/mailgate",
+            "token": "env:MG_TEST_EVENTS_TOKEN",
+            "signing_secret": "file:events-secret",
+            "timeout": 5,
+            "buffer_size": 100,
+            "max_attempts": 3,
+        }),
+        base_dir=tmp_path,
+    )
+    events = config.events
+    assert events is not None
+    assert (events.url, events.token, events.signing_secret) == ("https://hooks.example.com/mailgate", "events-token", "signing")
+    assert (events.timeout, events.buffer_size, events.max_attempts) == (5.0, 100, 3)
+    assert "events-token" not in repr(config) and "signing" not in repr(events)
 
 
 @pytest.mark.parametrize(
@@ -97,6 +151,23 @@ def test_provider_secrets_are_not_in_repr(tmp_path: Path) -> None:
         (with_(limits={"data_timeout": float("inf")}), "limits.data_timeout: must be a finite number"),
         (with_(limits={"auth_failure_delay": float("nan")}), "limits.auth_failure_delay: must be a finite number"),
         (with_(limits={"max_recipients": "50"}), "limits.max_recipients: must be an integer"),
+        (with_(limits={"max_messages_per_minute": -1}), "limits.max_messages_per_minute: must be zero or a positive"),
+        (with_(limits={"message_burst": 0}), "limits.message_burst: must be a finite number greater than zero"),
+        (provider(max_concurrency=0), "providers.main.max_concurrency: must be a finite number greater than zero"),
+        (provider(max_concurrency=1.5), "providers.main.max_concurrency: must be an integer"),
+        (provider(rate=0), "providers.main.rate: must be a finite number greater than zero"),
+        (provider(burst=5), "providers.main.burst: needs rate"),
+        (provider(rate=5, burst=0.5), "providers.main.burst: must be an integer"),
+        (provider(circuit_failures=0), "providers.main.circuit_failures: must be"),
+        (provider(circuit_cooldown=-1), "providers.main.circuit_cooldown: must be"),
+        (provider(circuit_cooldown=60, circuit_max_cooldown=30), "providers.main.circuit_max_cooldown: must be at least"),
+        (with_(events={"token": "t"}), "events.url: required"),
+        (with_(events={"url": "ftp://events.example"}), "events.url: must be an http"),
+        (with_(events={"url": "https://e.example", "timeout": 0}), "events.timeout: must be"),
+        (with_(events={"url": "https://e.example", "buffer_size": 0}), "events.buffer_size: must be"),
+        (with_(events={"url": "https://e.example", "max_attempts": 0}), "events.max_attempts: must be"),
+        (with_(events={"url": "https://e.example", "token": "a b"}), "events.token: must be printable ASCII"),
+        (with_(events={"url": "https://e.example", "retries": 3}), "events.retries: unknown key"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, data: dict[str, object], message: str) -> None:

@@ -16,12 +16,14 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mailgate.accounts.account import Account
+from mailgate.circuit import CircuitPolicy, CircuitState
 from mailgate.dispatch import Dispatcher, Route
 from mailgate.interfaces import IDeliverer, ITransport
 from mailgate.message import parse_message
 from mailgate.outcome import Delivered, Failed, Retry
 from mailgate.providers.base import HTTPResponse
 from mailgate.providers.webhook import WebhookProvider
+from mailgate.ratelimit import RequestLimits
 from mailgate.transports import APITimeout, CaptureTransport, TreqTransport
 
 RAW = b"From: a@example.com\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nbody\r\n"
@@ -219,3 +221,244 @@ def test_accepted_with_unreadable_body_is_delivered() -> None:
     response = result.result
     assert (response.status, response.body) == (200, b"")
     assert provider.classify(request, response) == Delivered("p", "QID5")
+
+
+# -- circuit breakers and request limits ---------------------------------------------
+
+FAST_OPEN = CircuitPolicy(failures=2, cooldown=60, max_cooldown=600)
+
+
+DEFAULT_LIMITS = RequestLimits()
+
+
+def breaker_route(name: str, transport: Any, limits: RequestLimits = DEFAULT_LIMITS) -> Route:
+    return Route(WebhookProvider(name, {"url": f"https://{name}.example/v1"}), transport, limits, FAST_OPEN)
+
+
+class Outage:
+    """A transport whose API is down (503) until ``up`` is set; counts requests."""
+
+    def __init__(self) -> None:
+        self.up = False
+        self.sent = 0
+
+    def send(self, request: Any) -> defer.Deferred[HTTPResponse]:
+        self.sent += 1
+        return defer.succeed(ok(f"id-{self.sent}") if self.up else HTTPResponse(503, (), b""))
+
+
+class Always:
+    def __init__(self, name: str):
+        self.name = name
+        self.sent = 0
+
+    def send(self, request: Any) -> defer.Deferred[HTTPResponse]:
+        self.sent += 1
+        return defer.succeed(ok(f"{self.name}-{self.sent}"))
+
+
+def test_open_circuit_fails_over_then_probe_brings_the_provider_back() -> None:
+    """After consecutive failures the first provider is skipped (no request at all) and mail
+    goes to the second; after the cool-down one probe goes to the first, and when it
+    succeeds the first provider takes the traffic again."""
+    clock = Clock()
+    primary, backup = Outage(), Always("backup")
+    dispatcher = Dispatcher(
+        {"p1": breaker_route("p1", primary), "p2": breaker_route("p2", backup)}, ("p1", "p2"), clock
+    )
+    assert deliver(dispatcher) == Delivered("p2", "backup-1")
+    assert deliver(dispatcher) == Delivered("p2", "backup-2")
+    assert primary.sent == 2  # the circuit is now open
+    for index in range(3, 6):
+        assert deliver(dispatcher) == Delivered("p2", f"backup-{index}")
+    assert primary.sent == 2
+    clock.advance(60)
+    primary.up = True
+    assert deliver(dispatcher) == Delivered("p1", "id-3")  # the probe
+    assert deliver(dispatcher) == Delivered("p1", "id-4")
+    assert backup.sent == 5
+
+
+def test_failed_probe_keeps_failing_over() -> None:
+    """A probe that fails re-opens the circuit: the message still fails over, and the
+    first provider is left alone for a longer cool-down."""
+    clock = Clock()
+    primary, backup = Outage(), Always("backup")
+    dispatcher = Dispatcher(
+        {"p1": breaker_route("p1", primary), "p2": breaker_route("p2", backup)}, ("p1", "p2"), clock
+    )
+    deliver(dispatcher), deliver(dispatcher)
+    clock.advance(60)
+    assert deliver(dispatcher) == Delivered("p2", "backup-3")
+    assert primary.sent == 3
+    clock.advance(60)
+    deliver(dispatcher)
+    assert primary.sent == 3  # the cool-down doubled to 120 s
+    assert dispatcher.breakers["p1"].retry_in() == 60
+
+
+def test_all_circuits_open_is_451_without_a_request() -> None:
+    """When every provider on the route is open, nothing is sent and the client gets
+    451 4.3.0 naming the reason; ``after`` says when a probe will be allowed."""
+    clock = Clock()
+    first, second = Outage(), Outage()
+    dispatcher = Dispatcher(
+        {"p1": breaker_route("p1", first), "p2": breaker_route("p2", second)}, ("p1", "p2"), clock
+    )
+    for _ in range(2):
+        assert deliver(dispatcher).reply().code == 451
+    clock.advance(15)
+    outcome = deliver(dispatcher)
+    assert (first.sent, second.sent) == (2, 2)
+    assert outcome == Retry("mailgate", "all routes down (circuit open for p1, p2)", "4.3.0", after=45)
+    assert str(outcome.reply()) == (
+        "451 4.3.0 Temporary failure at mailgate: all routes down (circuit open for p1, p2)"
+    )
+
+
+def test_ambiguous_failures_count_towards_the_circuit() -> None:
+    """Timeouts open the circuit too (the API is not answering), though they never fail over."""
+    clock = Clock()
+    transport = ScriptedTransport(APITimeout("no answer within 30 s"), APITimeout("no answer within 30 s"))
+    dispatcher = Dispatcher({"p1": breaker_route("p1", transport)}, ("p1",), clock)
+    for _ in range(2):
+        assert deliver(dispatcher).ambiguous
+    outcome = deliver(dispatcher)
+    assert outcome.provider == "mailgate" and not outcome.ambiguous
+    assert len(transport.sent) == 2
+
+
+def test_permanent_rejections_keep_the_circuit_closed() -> None:
+    """An API that rejects content is up and deciding: rejections reset the failure count."""
+    clock = Clock()
+    answers = [HTTPResponse(503, (), b""), HTTPResponse(400, (), b"{}")] * 3
+    transport = ScriptedTransport(*answers)
+    dispatcher = Dispatcher({"p1": breaker_route("p1", transport)}, ("p1",), clock)
+    for _ in range(6):
+        deliver(dispatcher)
+    assert len(transport.sent) == 6
+    assert dispatcher.breakers["p1"].state is CircuitState.CLOSED
+
+
+class Held:
+    """A transport whose answers the test releases one by one."""
+
+    def __init__(self) -> None:
+        self.pending: list[defer.Deferred[HTTPResponse]] = []
+
+    def send(self, request: Any) -> defer.Deferred[HTTPResponse]:
+        d: defer.Deferred[HTTPResponse] = defer.Deferred()
+        self.pending.append(d)
+        return d
+
+
+def test_concurrency_limit_holds_requests_back() -> None:
+    """With max_concurrency=2 a third message waits for a free slot, then is sent."""
+    clock = Clock()
+    transport = Held()
+    limits = RequestLimits(max_concurrency=2)
+    dispatcher = Dispatcher({"p1": breaker_route("p1", transport, limits)}, ("p1",), clock)
+    results = [dispatcher.deliver(EMAIL, Account(name="a"), f"Q{i}") for i in range(3)]
+    assert len(transport.pending) == 2
+    transport.pending[0].callback(ok("one"))
+    assert results[0].result == Delivered("p1", "one")
+    assert len(transport.pending) == 3
+    assert not results[2].called
+
+
+def test_saturated_provider_is_451_470_after_the_bounded_wait() -> None:
+    """A message that cannot get a request slot within limit_wait is answered
+    451 4.7.0; it was never sent, so it fails over, and the breaker does not count it."""
+    clock = Clock()
+    busy, backup = Held(), Always("backup")
+    limits = RequestLimits(max_concurrency=1)
+    dispatcher = Dispatcher({"p1": breaker_route("p1", busy, limits)}, ("p1",), clock, limit_wait=30)
+    first = dispatcher.deliver(EMAIL, Account(name="a"), "Q1")
+    waiting = dispatcher.deliver(EMAIL, Account(name="a"), "Q2")
+    clock.advance(30)
+    outcome = waiting.result
+    assert (outcome.reply().code, outcome.enhanced, outcome.ambiguous) == (451, "4.7.0", False)
+    assert "provider busy" in outcome.reason
+    assert len(busy.pending) == 1 and not first.called
+    assert dispatcher.breakers["p1"].consecutive_failures == 0
+
+    both = Dispatcher(
+        {"p1": breaker_route("p1", Held(), limits), "p2": breaker_route("p2", backup)}, ("p1", "p2"), clock
+    )
+    both.deliver(EMAIL, Account(name="a"), "Q3")
+    failing_over = both.deliver(EMAIL, Account(name="a"), "Q4")
+    clock.advance(30)
+    assert failing_over.result == Delivered("p2", "backup-1")
+
+
+def test_rate_limit_spaces_requests() -> None:
+    """rate=1/s with burst 1: the second message is sent one second after the first."""
+    clock = Clock()
+    transport = Always("p1")
+    limits = RequestLimits(max_concurrency=5, rate=1, burst=1)
+    dispatcher = Dispatcher({"p1": breaker_route("p1", transport, limits)}, ("p1",), clock)
+    first = dispatcher.deliver(EMAIL, Account(name="a"), "Q1")
+    second = dispatcher.deliver(EMAIL, Account(name="a"), "Q2")
+    assert first.called and not second.called
+    clock.advance(1)
+    assert second.result == Delivered("p1", "p1-2")
+
+
+def test_probe_blocked_by_a_local_limit_is_given_back() -> None:
+    """A half-open probe that times out in the request gate sent nothing: the next
+    message may probe, instead of the circuit waiting forever."""
+    clock = Clock()
+    transport = Held()
+    limits = RequestLimits(max_concurrency=1)
+    dispatcher = Dispatcher({"p1": breaker_route("p1", transport, limits)}, ("p1",), clock, limit_wait=5)
+    breaker = dispatcher.breakers["p1"]
+    for _ in range(2):
+        breaker.allow()
+        breaker.record_failure()
+    clock.advance(60)
+    # A request from before the outage still holds the only slot.
+    release = dispatcher.gates["p1"].acquire(None).result
+    probe = dispatcher.deliver(EMAIL, Account(name="a"), "Q1")
+    clock.advance(5)
+    assert probe.result.enhanced == "4.7.0"
+    release()
+    second = dispatcher.deliver(EMAIL, Account(name="a"), "Q2")
+    assert len(transport.pending) == 1
+    transport.pending[0].callback(ok("back"))
+    assert second.result == Delivered("p1", "back")
+    assert breaker.state is CircuitState.CLOSED
+
+
+def test_failure_after_a_partial_delivery_never_fails_over() -> None:
+    """When an adapter needs several requests and one was accepted, a later connection
+    error must not move the message to another provider (it would arrive twice)."""
+
+    class TwoRequests(WebhookProvider):
+        def build_requests(self, email: Any, account: Any, message_id: str) -> list[Any]:
+            return super().build_requests(email, account, message_id) * 2
+
+    first = ScriptedTransport(ok("half"), error.ConnectionRefusedError())
+    second = ScriptedTransport(ok("x"))
+    dispatcher = Dispatcher(
+        {"p1": Route(TwoRequests("p1", {"url": "https://p1.example/v1"}), first), "p2": route("p2", second)},
+        ("p1", "p2"),
+        Clock(),
+    )
+    outcome = deliver(dispatcher)
+    assert (outcome.provider, outcome.ambiguous, outcome.reply().code) == ("p1", True, 451)
+    assert second.sent == []
+
+
+def test_rate_limited_answers_do_not_open_the_circuit() -> None:
+    """A 429 fails over to the next provider but never opens the circuit: the API is up,
+    and the quota may be one passthrough client's own key."""
+    clock = Clock()
+    throttled = ScriptedTransport(*[HTTPResponse(429, (("Retry-After", "10"),), b"")] * 4)
+    backup = Always("backup")
+    dispatcher = Dispatcher(
+        {"p1": breaker_route("p1", throttled), "p2": breaker_route("p2", backup)}, ("p1", "p2"), clock
+    )
+    for index in range(1, 5):
+        assert deliver(dispatcher) == Delivered("p2", f"backup-{index}")
+    assert len(throttled.sent) == 4
+    assert dispatcher.breakers["p1"].state is CircuitState.CLOSED

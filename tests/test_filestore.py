@@ -102,6 +102,8 @@ def test_example_file_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         max_message_size=10 * 1024 * 1024,
         defaults={"X-Mailgate-Track-Opens": "true", "X-Mailgate-Stream": "outbound"},
         delivery_mode="sync",
+        max_messages_per_minute=120,
+        message_burst=20,
     )
     assert entries["alice"].cram_md5 is not None
     assert entries["app1"].account == Account(name="app1")
@@ -320,6 +322,9 @@ PW = passwords.hash_api_key("k")
         (f'[accounts.a]\npassword = "{PW}"\nmax_recipients = 0\n', "accounts.a.max_recipients: must be a positive integer"),
         (f'[accounts.a]\npassword = "{PW}"\nmax_recipients = true\n', "accounts.a.max_recipients: must be a positive integer"),
         (f'[accounts.a]\npassword = "{PW}"\nmax_recipients = "5"\n', "accounts.a.max_recipients: must be a positive integer"),
+        (f'[accounts.a]\npassword = "{PW}"\nmax_messages_per_minute = -1\n', "accounts.a.max_messages_per_minute: must be an integer, 0 or more"),
+        (f'[accounts.a]\npassword = "{PW}"\nmax_messages_per_minute = 1.5\n', "accounts.a.max_messages_per_minute: must be an integer, 0 or more"),
+        (f'[accounts.a]\npassword = "{PW}"\nmessage_burst = 0\n', "accounts.a.message_burst: must be a positive integer"),
         (f'[accounts.a]\npassword = "{PW}"\nmax_message_size = "10 parsecs"\n', "accounts.a.max_message_size: must be a positive number"),
         (f'[accounts.a]\npassword = "{PW}"\ndelivery_mode = "later"\n', 'accounts.a.delivery_mode: must be "sync" (the only mode available so far)'),
         (f'[accounts.a]\npassword = "{PW}"\n[accounts.a.defaults]\n"X-Mailgate-Track-Open" = "true"\n', 'accounts.a.defaults."X-Mailgate-Track-Open": not a control header'),

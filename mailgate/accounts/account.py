@@ -24,6 +24,9 @@ class Account:
     ``max_message_size``: None means the server's limit.  ``defaults``: control
     header defaults keyed by canonical header name (``X-Mailgate-Tag``...).
     ``delivery_mode``: overrides the listener's mode ("sync" or "queue").
+    ``max_messages_per_minute`` / ``message_burst``: this account's message
+    rate (0: unlimited; None: the server's ``[limits]`` default), see
+    :class:`mailgate.ratelimit.AccountRateLimiter`.
     """
 
     name: str
@@ -34,6 +37,8 @@ class Account:
     max_message_size: int | None = None
     defaults: Mapping[str, str] = field(default_factory=dict)
     delivery_mode: str | None = None
+    max_messages_per_minute: int | None = None
+    message_burst: int | None = None
 
     def sender_allowed(self, address: str) -> bool:
         """True when ``address`` may be used as envelope sender or From: address.

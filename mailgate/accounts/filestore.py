@@ -70,6 +70,8 @@ _ACCOUNT_KEYS = frozenset(
         "allowed_senders",
         "max_recipients",
         "max_message_size",
+        "max_messages_per_minute",
+        "message_burst",
         "delivery_mode",
         "defaults",
         "providers",
@@ -170,6 +172,12 @@ def parse_account(
         or max_recipients <= 0
     ):
         raise error("max_recipients", "must be a positive integer")
+    max_messages_per_minute = table.get("max_messages_per_minute")
+    if max_messages_per_minute is not None and not _is_int(max_messages_per_minute, minimum=0):
+        raise error("max_messages_per_minute", "must be an integer, 0 or more (0: unlimited)")
+    message_burst = table.get("message_burst")
+    if message_burst is not None and not _is_int(message_burst, minimum=1):
+        raise error("message_burst", "must be a positive integer")
     max_message_size = table.get("max_message_size")
     if max_message_size is not None:
         try:
@@ -192,8 +200,14 @@ def parse_account(
         max_message_size=max_message_size,
         defaults=defaults,
         delivery_mode=delivery_mode,
+        max_messages_per_minute=max_messages_per_minute,
+        message_burst=message_burst,
     )
     return AccountEntry(account=account, password=password, cram_md5=cram_md5)
+
+
+def _is_int(value: object, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def _quote_key(name: str) -> str:
