@@ -77,6 +77,8 @@ def build_dsn(
     qid = _ID_JUNK.sub("", queue_id) or "unknown"
     failed = [(_field(address), _status(status), _diagnostic(status, text)) for address, status, text in recipients]
     headers = _original_header(original_headers)
+    # RFC 2045 §6.4: a multipart is 8bit when any part is; DEL (0x7f) is still 7-bit.
+    encoding = "8bit" if any(byte > 0x7F for byte in headers) else "7bit"
     boundary = _boundary(headers)
     arrival_date = email.utils.formatdate(arrival, usegmt=True)
     date = email.utils.formatdate(now, usegmt=True)
@@ -95,7 +97,7 @@ def build_dsn(
     top += [
         "MIME-Version: 1.0",
         f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
-        "Content-Transfer-Encoding: 7bit",
+        f"Content-Transfer-Encoding: {encoding}",
     ]
 
     human = [
@@ -127,7 +129,6 @@ def build_dsn(
             f"Last-Attempt-Date: {date}",
         ]
 
-    eight_bit = any(byte > 0x7E for byte in headers)
     lines = [
         *top,
         "",
@@ -148,7 +149,7 @@ def build_dsn(
         f"--{boundary}",
         "Content-Type: text/rfc822-headers",
         "Content-Description: Undelivered message header",
-        f"Content-Transfer-Encoding: {'8bit' if eight_bit else '7bit'}",
+        f"Content-Transfer-Encoding: {encoding}",
         "",
     ]
     head = "\r\n".join(lines).encode("ascii") + b"\r\n"

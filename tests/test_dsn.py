@@ -122,6 +122,24 @@ def test_eight_bit_original_headers_are_declared() -> None:
     assert "Grüße".encode() in headers.get_payload(decode=True)
 
 
+
+
+def test_eight_bit_report_declares_eight_bit_at_the_top() -> None:
+    """A multipart holding an 8bit part is itself 8bit (RFC 2045 §6.4): a 7bit
+    top level with 8-bit octets inside is a lie a strict relay rejects."""
+    raw = dsn(original_headers="Subject: Grüße\r\nFrom: a@example.com\r\n\r\nbody".encode())
+    message = parse(raw)
+    assert message["Content-Transfer-Encoding"] == "8bit"
+    assert parse(dsn())["Content-Transfer-Encoding"] == "7bit"
+
+
+def test_delete_character_is_not_eight_bit() -> None:
+    """DEL (0x7f) is a 7-bit octet: it does not make the report 8bit."""
+    message = parse(dsn(original_headers=b"Subject: a\x7fb\r\nFrom: a@example.com\r\n\r\n"))
+    _, _, headers = parts(message)
+    assert (message["Content-Transfer-Encoding"], headers["Content-Transfer-Encoding"]) == ("7bit", "7bit")
+
+
 def test_bare_lf_original_is_normalised() -> None:
     """An original with LF line endings still yields a CRLF report with only the header."""
     raw = dsn(original_headers=b"Subject: x\nFrom: a@example.com\n\nbody\n")
