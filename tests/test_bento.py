@@ -99,6 +99,17 @@ def test_minimal_text_message_golden_request() -> None:
     )
 
 
+def test_text_is_sent_when_the_html_part_is_empty() -> None:
+    """An empty HTML part next to a text body must not make Bento send a blank email."""
+    raw = (
+        b"From: alice@example.com\r\nTo: bob@example.org\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/alternative; boundary="b"\r\n\r\n--b\r\n\r\nHello text\r\n'
+        b"--b\r\nContent-Type: text/html\r\n\r\n\r\n--b--\r\n"
+    )
+    [request] = provider().build_requests(parse_message(raw, SENDER, ("bob@example.org",)), ACCOUNT, "Q")
+    assert json.loads(request.body)["emails"][0]["html_body"] == text_to_html("Hello text")
+
+
 def test_canonical_transactional_header_and_account_default() -> None:
     """X-Mailgate-Transactional and an account default set ``transactional`` too."""
     email = parse_message(MINIMAL, SENDER, ("bob@example.org",), {"X-Mailgate-Transactional": "yes"})

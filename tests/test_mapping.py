@@ -8,6 +8,7 @@ from mailgate.providers.mapping import (
     Recipients,
     attachment_name,
     base64_size,
+    bodies,
     check_limits,
     forwarded_headers,
     split_recipients,
@@ -61,3 +62,24 @@ def test_limits_at_the_boundary() -> None:
     assert over is not None and str(over.reply()) == "452 4.5.3 Rejected by p: P accepts at most 50 recipients per message; this one has 51"
     big = check_limits("p", "P", 1, 101, 50, 100)
     assert big is not None and (big.code, big.enhanced) == (552, "5.3.4")
+
+
+TEXT_WITH_EMPTY_HTML = (
+    b"From: a@example.com\r\nTo: b@example.org\r\nMIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/alternative; boundary="b"\r\n\r\n'
+    b"--b\r\nContent-Type: text/plain\r\n\r\nHello text\r\n"
+    b"--b\r\nContent-Type: text/html\r\n\r\n\r\n--b--\r\n"
+)
+EMPTY_HTML_ONLY = b"From: a@example.com\r\nTo: b@example.org\r\nMIME-Version: 1.0\r\nContent-Type: text/html\r\n\r\n"
+
+
+def test_bodies_treat_an_empty_part_as_absent() -> None:
+    """An empty HTML part never hides the text (clients would show a blank message),
+    and a message with no body at all gets the one-space text the APIs require."""
+    def of(raw: bytes) -> tuple[str | None, str | None]:
+        return bodies(parse_message(raw, "a@example.com", ("b@example.org",)))
+
+    assert of(TEXT_WITH_EMPTY_HTML) == ("Hello text", None)
+    assert of(EMPTY_HTML_ONLY) == (" ", None)
+    assert of(b"From: a@example.com\r\nContent-Type: text/html\r\n\r\n<p>x</p>") == (None, "<p>x</p>")
+    assert of(b"From: a@example.com\r\n\r\nhi") == ("hi", None)

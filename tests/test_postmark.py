@@ -90,6 +90,26 @@ def test_minimal_message_golden_request() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("raw", "bodies"),
+    [
+        (
+            b"From: a@example.com\r\nTo: b@example.org\r\nMIME-Version: 1.0\r\n"
+            b'Content-Type: multipart/alternative; boundary="b"\r\n\r\n--b\r\n\r\nHello text\r\n'
+            b"--b\r\nContent-Type: text/html\r\n\r\n\r\n--b--\r\n",
+            {"TextBody": "Hello text"},
+        ),
+        (b"From: a@example.com\r\nTo: b@example.org\r\nContent-Type: text/html\r\n\r\n", {"TextBody": " "}),
+    ],
+)
+def test_empty_html_part_is_not_sent(raw: bytes, bodies: dict[str, str]) -> None:
+    """An empty HTML part would show recipients a blank message (or make Postmark refuse
+    one without a body, error 300): only a non-empty body is sent."""
+    [request] = provider().build_requests(parse_message(raw, "a@example.com", ("b@example.org",)), ACCOUNT, "Q")
+    payload = json.loads(request.body)
+    assert {key: payload[key] for key in ("HtmlBody", "TextBody") if key in payload} == bodies
+
+
 def test_vendor_headers_and_keep_message_id() -> None:
     """X-PM-* headers map like the canonical ones; X-PM-KeepID forwards the Message-ID."""
     raw = (

@@ -182,6 +182,12 @@ def test_html_only_message_has_html_content_only() -> None:
     assert payload_of(raw)["content"] == [{"type": "text/html", "value": "<p>x</p>\n"}]
 
 
+def test_empty_html_only_message_still_has_a_content_value() -> None:
+    """SendGrid refuses an empty ``content`` list: an empty HTML part sends the one-space text."""
+    raw = b"From: a@example.com\r\nTo: b@example.org\r\nContent-Type: text/html\r\n\r\n"
+    assert payload_of(raw)["content"] == [{"type": "text/plain", "value": " "}]
+
+
 def test_limits() -> None:
     """More than 1000 recipients is 452 4.5.3; more than 30 MB is 552 5.3.4."""
     email = parse_message(MINIMAL, SENDER, tuple(f"r{i}@example.org" for i in range(1001)))

@@ -49,7 +49,7 @@ from mailgate.message import text_to_html
 from mailgate.model import OutboundEmail
 from mailgate.outcome import Delivered, Failed, Outcome
 from mailgate.providers.base import HTTPRequest, HTTPResponse, classify_http, json_request
-from mailgate.providers.mapping import check_limits, encoded_size, setting
+from mailgate.providers.mapping import bodies, check_limits, encoded_size, setting
 from mailgate.providers.providertype import ProviderType, require_url
 
 API_URL = "https://app.bentonow.com/api/v1"
@@ -67,9 +67,10 @@ _AUTHOR_REFUSED = "author not authorized"
 
 def html_body(email: OutboundEmail) -> str:
     """The HTML Bento sends: the message's own, or its text shown as HTML."""
-    if email.html is not None:
-        return email.html
-    return text_to_html(email.text or "")
+    text, html = bodies(email)
+    if html is not None:
+        return html
+    return text_to_html(text or "")
 
 
 def email_payload(email: OutboundEmail) -> dict[str, Any]:

@@ -16,6 +16,9 @@ envelope decides that, so the adapters build their fields through this module:
   API rebuilds or that would be false after it re-signs the message (DKIM,
   ARC, authentication results), plus ``Message-ID`` when the client asked to
   keep it (``X-Mailgate-Keep-Message-ID`` / ``X-PM-KeepID``).
+* :func:`bodies`: the text and HTML to send, an empty part counting as
+  absent (an empty HTML part would show a blank message), and a one-space
+  text when there is no body at all (the APIs refuse a message without one).
 * :func:`attachment_name`: APIs require a file name; a nameless part gets one
   made from its media type.
 * :func:`encoded_size` and :func:`check_limits`: per-provider recipient and
@@ -111,6 +114,18 @@ def forwarded_headers(
     if email.controls.keep_message_id and email.message_id and "message-id" not in dropped:
         headers.append(("Message-ID", f"<{email.message_id}>"))
     return headers
+
+
+def bodies(email: OutboundEmail) -> tuple[str | None, str | None]:
+    """``(text, html)`` to send: empty bodies are None; with neither, the text is one space.
+
+    Postmark refuses a message with no ``TextBody`` or ``HtmlBody`` (error
+    300) and SendGrid a ``content`` value under one character.
+    """
+    text, html = email.text or None, email.html or None
+    if text is None and html is None:
+        text = " "
+    return text, html
 
 
 def attachment_name(part: Attachment, index: int) -> str:

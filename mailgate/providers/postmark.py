@@ -50,6 +50,7 @@ from mailgate.providers.base import (
 from mailgate.providers.mapping import (
     Recipients,
     attachment_name,
+    bodies,
     check_limits,
     encoded_size,
     forwarded_headers,
@@ -116,11 +117,11 @@ def email_payload(email: OutboundEmail, recipients: Recipients) -> dict[str, Any
     payload["Subject"] = email.subject
     if controls.tags:
         payload["Tag"] = controls.tags[0]  # Postmark has one tag per message.
-    if email.html is not None:
-        payload["HtmlBody"] = email.html
-    if email.text or email.html is None:
-        # Postmark requires a body: a message with none gets an empty-looking text body.
-        payload["TextBody"] = email.text or " "
+    text, html = bodies(email)
+    if html is not None:
+        payload["HtmlBody"] = html
+    if text is not None:
+        payload["TextBody"] = text
     if email.reply_to:
         payload["ReplyTo"] = _addresses(email.reply_to)
     headers = forwarded_headers(email)

@@ -58,6 +58,7 @@ from mailgate.providers.base import (
 )
 from mailgate.providers.mapping import (
     attachment_name,
+    bodies,
     check_limits,
     encoded_size,
     forwarded_headers,
@@ -164,12 +165,13 @@ def _tracking(email: OutboundEmail, smtpapi: Mapping[str, Any]) -> dict[str, Any
 
 
 def _content(email: OutboundEmail) -> list[dict[str, str]]:
+    """``text/plain`` first, then ``text/html``, as the API requires."""
+    text, html = bodies(email)
     content = []
-    if email.text or email.html is None:
-        # SendGrid requires one content value of at least one character.
-        content.append({"type": "text/plain", "value": email.text or " "})
-    if email.html:
-        content.append({"type": "text/html", "value": email.html})
+    if text is not None:
+        content.append({"type": "text/plain", "value": text})
+    if html is not None:
+        content.append({"type": "text/html", "value": html})
     return content
 
 
