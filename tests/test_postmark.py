@@ -143,15 +143,32 @@ def test_header_recipients_outside_the_envelope_get_nothing() -> None:
     assert (payload["To"], "Cc" in payload, "Bcc" in payload) == ("b@example.org", False, False)
 
 
-def test_all_blind_recipients_get_one_copy_each() -> None:
-    """Postmark needs a To: when every recipient is blind, each gets a copy addressed to them alone."""
-    raw = b"From: a@example.com\r\nTo: undisclosed-recipients:;\r\nSubject: s\r\n\r\nx\r\n"
-    email = parse_message(raw, "a@example.com", ("x@example.org", "y@example.org"))
-    requests = provider().build_requests(email, ACCOUNT, "Q")
-    assert [(json.loads(r.body)["To"], "Bcc" in json.loads(r.body)) for r in requests] == [
-        ("x@example.org", False),
-        ("y@example.org", False),
+ALL_BLIND = b"From: a@example.com\r\nTo: undisclosed-recipients:;\r\nSubject: s\r\n\r\nx\r\n"
+BLIND = ("x@example.org", "y@example.org", "z@example.org")
+
+
+def blind_batch() -> Any:
+    [request] = provider().build_requests(parse_message(ALL_BLIND, "a@example.com", BLIND), ACCOUNT, "QB")
+    return request
+
+
+def test_all_blind_recipients_get_one_copy_each_in_one_batch_call() -> None:
+    """Postmark needs a To: when every recipient is blind, each gets a copy addressed to them
+    alone, and the copies go in one /email/batch call, so the message gets one answer."""
+    request = blind_batch()
+    assert request.url == "https://api.postmarkapp.com/email/batch"
+    assert [(copy["To"], "Bcc" in copy, "Cc" in copy) for copy in json.loads(request.body)] == [
+        (address, False, False) for address in BLIND
     ]
+    assert request.queue_id == "QB"
+
+
+def test_batch_calls_stay_within_postmark_batch_limits() -> None:
+    """Large copies are spread over several batch calls of at most 50 MB each."""
+    email = replace(parse_message(ALL_BLIND, "a@example.com", BLIND), text="x" * 20_000_000)
+    requests = provider().build_requests(email, ACCOUNT, "Q")
+    assert [len(json.loads(r.body)) for r in requests] == [2, 1]
+    assert all(len(r.body) <= 50_000_000 for r in requests)
 
 
 def test_cc_moves_to_to_when_to_is_empty() -> None:
@@ -231,3 +248,35 @@ def test_rejection_reply_names_postmark_reason() -> None:
     [request] = provider().build_requests(parse_message(MINIMAL, SENDER, ("bob@example.org",)), ACCOUNT, "Q")
     outcome = provider().classify(request, pm_error(422, 406, "Recipient marked as inactive."))
     assert str(outcome.reply()) == "550 5.7.1 Rejected by pm: Postmark error 406: Recipient marked as inactive."
+
+
+def batch_answer(*results: dict[str, Any]) -> HTTPResponse:
+    return response(200, list(results))
+
+
+OK_X = {"To": "x@example.org", "MessageID": "id-x", "ErrorCode": 0, "Message": "OK"}
+OK_Y = {"To": "y@example.org", "MessageID": "id-y", "ErrorCode": 0, "Message": "OK"}
+INACTIVE = {"ErrorCode": 406, "Message": "Found inactive addresses: z@example.org."}
+BAD_ADDRESS = {"ErrorCode": 300, "Message": "Invalid 'To' address: 'z'."}
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (batch_answer(OK_X, OK_Y, OK_X), Delivered("pm", "id-x and 2 more")),
+        # Inactive recipients are skipped, as in a multi-recipient single send.
+        (batch_answer(OK_X, OK_Y, INACTIVE), Delivered("pm", "id-x and 1 more")),
+        (batch_answer(INACTIVE, INACTIVE, INACTIVE),
+         Failed("pm", "Postmark error 406: Found inactive addresses: z@example.org.", 550, "5.7.1")),
+        (batch_answer(OK_X, BAD_ADDRESS, INACTIVE),
+         Failed("pm", "Postmark error 300: Invalid 'To' address: 'z'.", 554, "5.6.0")),
+        (batch_answer(OK_X, {"ErrorCode": 429, "Message": "Rate limit exceeded"}),
+         Retry("pm", "Postmark error 429: Rate limit exceeded", "4.7.0", ambiguous=True)),
+        (response(401, {"ErrorCode": 10, "Message": "Bad or missing API token"}),
+         Failed("pm", "API refused the credentials (HTTP 401): Bad or missing API token", 554, "5.7.0")),
+        (response(503, b"down"), Retry("pm", "API unavailable (HTTP 503)", "4.3.0")),
+    ],
+)
+def test_batch_classification(answer: HTTPResponse, expected: object) -> None:
+    """One outcome for the whole batch: every copy accepted, or the first real refusal decides."""
+    assert provider().classify(blind_batch(), answer) == expected

@@ -23,13 +23,22 @@ or the next provider of the route, tries again), any other content error
 Limits checked before sending (the same page): at most 50 recipients (To, Cc
 and Bcc together), 10 MB in total with attachments.  Postmark needs a ``To``:
 when every recipient is blind each gets a copy of their own
-(:func:`mailgate.providers.mapping.split_recipients`).
+(:func:`mailgate.providers.mapping.split_recipients`), and the copies go in
+one ``POST {url}/email/batch`` ("Send batch emails": up to 500 messages and
+50 MB per call; more copies take more calls) rather than one request each:
+one answer for the whole message, so a failure half-way cannot leave the
+client retrying copies that were already sent.  The batch answer is a list
+with one result per copy; recipients Postmark reports as inactive (406) are
+skipped, as Postmark itself does for a multi-recipient message, and any
+other failed copy decides the outcome.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from zope.interface import implementer
@@ -63,6 +72,9 @@ API_URL = "https://api.postmarkapp.com"
 USER_AGENT = "mailgate/0.1"
 MAX_RECIPIENTS = 50
 MAX_SIZE = 10 * 1000 * 1000
+BATCH_MAX_MESSAGES = 500
+BATCH_MAX_SIZE = 50 * 1000 * 1000
+INACTIVE_RECIPIENT = 406
 SETTINGS = ("url", "token")
 CREDENTIAL_SETTINGS = ("token",)
 
@@ -169,12 +181,26 @@ class PostmarkProvider:
         token = setting(self.name, self.settings, account, "token") or ""
         url = str(setting(self.name, self.settings, account, "url")).rstrip("/") + "/email"
         headers = [("User-Agent", USER_AGENT), ("X-Postmark-Server-Token", token)]
+        groups = split_recipients(email)
+        if len(groups) == 1:
+            return [json_request(self.name, "POST", url, email_payload(email, groups[0]), headers, message_id)]
+        # Copies per call: 500 at most, and no more than fit in 50 MB.
+        per_call = max(1, min(BATCH_MAX_MESSAGES, BATCH_MAX_SIZE // max(1, encoded_size(email) + 4096)))
         return [
-            json_request(self.name, "POST", url, email_payload(email, recipients), headers, message_id)
-            for recipients in split_recipients(email)
+            json_request(
+                self.name,
+                "POST",
+                url + "/batch",
+                [email_payload(email, recipients) for recipients in groups[start : start + per_call]],
+                headers,
+                message_id,
+            )
+            for start in range(0, len(groups), per_call)
         ]
 
     def classify(self, request: HTTPRequest, response: HTTPResponse) -> Outcome:
+        if request.url.endswith("/email/batch"):
+            return classify_batch(self.name, response, request.queue_id)
         return classify_response(self.name, response, request.queue_id)
 
 
@@ -196,6 +222,41 @@ def classify_response(provider: str, response: HTTPResponse, queue_id: str) -> O
             return Retry(provider, detail, enhanced, parse_retry_after(response.header("Retry-After")))
         return Failed(provider, detail, smtp_code, enhanced)
     return classify_http(provider, response, queue_id)
+
+
+def classify_batch(provider: str, response: HTTPResponse, queue_id: str) -> Outcome:
+    """A ``/email/batch`` answer: one result per copy, or an error for the whole call.
+
+    Delivered when every copy was accepted, or when the only refusals are
+    inactive recipients (406: Postmark skips those in a multi-recipient
+    message too).  Otherwise the first other refusal decides, as a single
+    send's answer would; a transient one is ambiguous once some copy was
+    accepted (the client's retry may repeat those copies).
+    """
+    results = response.json()
+    if not (200 <= response.status < 300 and isinstance(results, list) and results):
+        return classify_response(provider, response, queue_id)
+    accepted: list[str] = []
+    refused: list[tuple[int, dict[str, Any]]] = []
+    for result in results:
+        result = result if isinstance(result, dict) else {}
+        code = result.get("ErrorCode")
+        if code == 0 or code is None:
+            accepted.append(safe_message_id(result.get("MessageID"), queue_id))
+        elif isinstance(code, int) and not isinstance(code, bool):
+            refused.append((code, result))
+        else:
+            refused.append((-1, result))
+    decisive = [(code, result) for code, result in refused if code != INACTIVE_RECIPIENT]
+    if accepted and not decisive:
+        more = f" and {len(accepted) - 1} more" if len(accepted) > 1 else ""
+        return Delivered(provider, f"{accepted[0]}{more}")
+    code, result = (decisive or refused)[0]
+    single = HTTPResponse(422, response.headers, json.dumps(result).encode("utf-8"))
+    outcome = classify_response(provider, single, queue_id)
+    if accepted and isinstance(outcome, Retry):
+        outcome = replace(outcome, ambiguous=True)
+    return outcome
 
 
 def _validate(name: str, settings: dict[str, Any]) -> None:
