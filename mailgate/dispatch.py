@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailgate.accounts.account import Account
-from mailgate.circuit import CircuitBreaker, CircuitPolicy
+from mailgate.circuit import CircuitBreaker, CircuitPolicy, CircuitState
 from mailgate.interfaces import IDeliverer, IProvider, ITransport
 from mailgate.model import OutboundEmail
 from mailgate.outcome import Delivered, Failed, Outcome, Retry
@@ -95,12 +95,17 @@ class Dispatcher:
             if not breaker.allow():
                 circuit_open.append(name)
                 continue
+            # allow() on a half-open circuit hands this message the one probe.
+            probe = breaker.state is CircuitState.HALF_OPEN
             try:
                 outcome = yield self._attempt(name, provider, email, account, queue_id)
             finally:
-                # A half-open probe that sent nothing (local limit, adapter error)
-                # must not keep the circuit waiting for an answer that never comes.
-                breaker.abandon()
+                if probe:
+                    # A probe that sent nothing (local limit, adapter error) must not
+                    # keep the circuit waiting for an answer that never comes.  Only
+                    # the probe's holder frees it: a request sent before the circuit
+                    # opened, ending now, must not let a second probe through.
+                    breaker.abandon()
             if isinstance(outcome, Retry) and not outcome.ambiguous:
                 last_retry = outcome
                 continue

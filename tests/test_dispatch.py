@@ -462,3 +462,39 @@ def test_rate_limited_answers_do_not_open_the_circuit() -> None:
         assert deliver(dispatcher) == Delivered("p2", f"backup-{index}")
     assert len(throttled.sent) == 4
     assert dispatcher.breakers["p1"].state is CircuitState.CLOSED
+
+
+def test_a_late_answer_from_before_the_outage_does_not_free_the_probe() -> None:
+    """Half-open lets exactly one probe through, even when a request sent while the
+    circuit was still closed comes back (here: 429) while the probe is out."""
+    clock = Clock()
+    transport = Held()
+    backup = Always("backup")
+    dispatcher = Dispatcher(
+        {"p1": breaker_route("p1", transport), "p2": breaker_route("p2", backup)}, ("p1", "p2"), clock
+    )
+    breaker = dispatcher.breakers["p1"]
+
+    def start() -> list[Any]:
+        result: list[Any] = []
+        dispatcher.deliver(EMAIL, Account(name="a"), "QID").addCallback(result.append)
+        return result
+
+    slow = start()  # sent while closed; its answer comes last
+    for _ in range(FAST_OPEN.failures):  # the outage opens the circuit
+        failing = start()
+        transport.pending[-1].callback(HTTPResponse(503, (), b""))
+        assert failing[0] == Delivered("p2", f"backup-{backup.sent}")
+    assert breaker.state is CircuitState.OPEN
+    clock.advance(FAST_OPEN.cooldown)
+    probe = start()  # takes the half-open probe and waits
+    assert breaker.state is CircuitState.HALF_OPEN
+    sent = len(transport.pending)
+    transport.pending[0].callback(HTTPResponse(429, (("Retry-After", "5"),), b""))
+    assert slow[0] == Delivered("p2", f"backup-{backup.sent}")
+    # The probe is still out: the next message must go to the backup, not probe again.
+    assert deliver(dispatcher) == Delivered("p2", f"backup-{backup.sent}")
+    assert len(transport.pending) == sent
+    transport.pending[-1].callback(ok("p1-back"))
+    assert probe == [Delivered("p1", "p1-back")]
+    assert breaker.state is CircuitState.CLOSED
