@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailgate.replies import Reply, sanitise_text
+from mailgate.replies import MAX_REPLY_TEXT, Reply, sanitise_text
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,22 @@ class Delivered:
     message_id: str
 
     def reply(self) -> Reply:
-        return Reply(250, "2.0.0", f"Ok: {self.message_id}")
+        return Reply(250, "2.0.0", f"Ok: {_bounded_ids(self.message_id)}")
+
+
+def _bounded_ids(message_id: str, limit: int = MAX_REPLY_TEXT - len("Ok: ")) -> str:
+    """The comma-joined ids of a message sent in several requests, cut to fit one
+    reply line (RFC 5321 §4.5.3.1.5: 512 octets); the log keeps the full list."""
+    if len(message_id) <= limit:
+        return message_id
+    ids = message_id.split(",")
+    shown = ""
+    for index, one in enumerate(ids):
+        candidate = f"{shown},{one}" if shown else one
+        if len(candidate) + len(f" (+{len(ids) - index - 1} more)") > limit:
+            return f"{shown} (+{len(ids) - index} more)"
+        shown = candidate
+    return shown
 
 
 @dataclass(frozen=True)

@@ -498,3 +498,16 @@ def test_a_late_answer_from_before_the_outage_does_not_free_the_probe() -> None:
     transport.pending[-1].callback(ok("p1-back"))
     assert probe == [Delivered("p1", "p1-back")]
     assert breaker.state is CircuitState.CLOSED
+
+
+def test_reply_with_many_provider_ids_fits_one_reply_line() -> None:
+    """A message sent in 50 requests names its ids in the 250 reply, cut to fit
+    the 512-octet reply line of RFC 5321 §4.5.3.1.5, with how many were left out."""
+    ids = [f"{index:02d}-0e4f7a52-3c1b-4d7e-9a0b-5f6e7d8c9b0a" for index in range(50)]
+    (line,) = Delivered("p1", ",".join(ids)).reply().lines()
+    assert len(line) + 2 <= 512
+    shown = line.decode().removeprefix("250 2.0.0 Ok: ")
+    listed, _, more = shown.partition(" (+")
+    assert listed.split(",") == ids[: len(listed.split(","))]
+    assert more == f"{50 - len(listed.split(','))} more)"
+    assert Delivered("p1", "a,b").reply().lines() == [b"250 2.0.0 Ok: a,b"]
