@@ -143,6 +143,12 @@ class Dispatcher:
             if delivered and isinstance(outcome, Retry) and not outcome.ambiguous:
                 # Part of the message is with this provider: another one must not get it.
                 outcome = replace(outcome, ambiguous=True)
+            elif delivered and isinstance(outcome, Failed):
+                # The bounce must not claim nobody got it (one reply per transaction).
+                outcome = replace(
+                    outcome,
+                    reason=f"{len(delivered)} of {len(requests)} requests were accepted before: {outcome.reason}",
+                )
             if not isinstance(outcome, Delivered):
                 # Successes are logged once per message by the session; failed attempts
                 # here, so a failover can be traced provider by provider.

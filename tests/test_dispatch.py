@@ -449,6 +449,25 @@ def test_failure_after_a_partial_delivery_never_fails_over() -> None:
     assert second.sent == []
 
 
+def test_permanent_refusal_after_a_partial_delivery_says_so() -> None:
+    """One reply per transaction: a 554 after an accepted request tells the sender
+    that part of the message went out, so the bounce does not claim nobody got it."""
+
+    class TwoRequests(WebhookProvider):
+        def build_requests(self, email: Any, account: Any, message_id: str) -> list[Any]:
+            return super().build_requests(email, account, message_id) * 2
+
+    refusal = HTTPResponse(422, (("Content-Type", "application/json"),), b'{"message": "inactive recipient"}')
+    transport = ScriptedTransport(ok("half"), refusal)
+    dispatcher = Dispatcher(
+        {"p1": Route(TwoRequests("p1", {"url": "https://p1.example/v1"}), transport)}, ("p1",), Clock()
+    )
+    reply = deliver(dispatcher).reply()
+    assert reply.code == 554
+    assert "1 of 2 requests were accepted before: " in reply.text
+    assert "inactive recipient" in reply.text
+
+
 def test_rate_limited_answers_do_not_open_the_circuit() -> None:
     """A 429 fails over to the next provider but never opens the circuit: the API is up,
     and the quota may be one passthrough client's own key."""
