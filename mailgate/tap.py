@@ -51,6 +51,7 @@ def makeService(options: Options) -> IService:
     from mailgate.build import build_service
     from mailgate.config import load_config
     from mailgate.devdefault import development_setup
+    from mailgate.reload import ReloadOnSIGHUP
     from mailgate.tls import TLSConfigError
     from mailgate.transports import make_http_client
 
@@ -58,12 +59,12 @@ def makeService(options: Options) -> IService:
         if options["config"]:
             config = load_config(Path(options["config"]))
         else:
-            config, username, password = development_setup(Path(options["state-dir"]))
+            config, username, _ = development_setup(Path(options["state-dir"]))
+            # The password stays out of the log (logs are shipped and kept); its file is 0600.
             log.info(
-                "development mode: account {username!r} password {password!r} "
-                "(kept in {state}/dev-password); captured API requests go to {state}/captured",
+                "development mode: account {username!r}, password in {state}/dev-password; "
+                "captured API requests go to {state}/captured",
                 username=username,
-                password=password,
                 state=str(config.server.state_dir),
             )
         client, pool = make_http_client(reactor)
@@ -77,4 +78,5 @@ def makeService(options: Options) -> IService:
         sys.stderr.write(f"mailgate: error: {e.strerror or e}{where}\n")
         raise SystemExit(1) from None
     _ClosePool(pool).setServiceParent(service)
+    ReloadOnSIGHUP(service.reloader, reactor).setServiceParent(service)  # type: ignore[attr-defined]
     return service
