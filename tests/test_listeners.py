@@ -3,6 +3,7 @@ and the admin listener, on a MemoryReactor (no sockets)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from twisted.logger import globalLogPublisher
 from mailgate.accounts.memory import MemoryAccountStore
 from mailgate.admin import failing_checks
 from mailgate.build import build_service
+from mailgate.circuit import CircuitPolicy
 from mailgate.config import ConfigError, parse_config
 from mailgate.listeners import describe_address, listener_names
 
@@ -95,9 +97,35 @@ def test_bad_admin_endpoint_names_the_key(tmp_path: Path) -> None:
         build_service(config(tmp_path, admin={"endpoint": "tcp:nine"}), MemoryReactorClock(), None, store=MemoryAccountStore({}))
 
 
-def test_routes_check_needs_a_configured_provider(tmp_path: Path) -> None:
-    """The routes check fails when no provider of the default route is configured any more."""
-    service = build_service(config(tmp_path), MemoryReactorClock(), None, store=MemoryAccountStore({}))
+def test_routes_check_follows_the_circuit_breakers(tmp_path: Path) -> None:
+    """The routes check fails while every provider of the default route has its circuit
+    open (or none is configured), and passes again once a probe may go through."""
+    reactor = MemoryReactorClock()
+    service = build_service(config(tmp_path), reactor, None, store=MemoryAccountStore({}))
+    dispatcher = service.dispatcher
     assert service.readiness["routes"]()
-    service.dispatcher.replace_routes({}, ("main",))
+    breaker = dispatcher.breakers["main"]
+    for _ in range(breaker.policy.failures):
+        breaker.record_failure()
     assert not service.readiness["routes"]()
+    reactor.advance(breaker.policy.cooldown)
+    assert service.readiness["routes"]()
+    dispatcher.replace_routes({}, ("main",))
+    assert not service.readiness["routes"]()
+
+
+def test_reload_keeps_breakers_and_gates_of_unchanged_providers(tmp_path: Path) -> None:
+    """A reload keeps a provider's open circuit and its in-flight count when its limits and
+    circuit policy are unchanged, and starts afresh for a changed or new provider."""
+    reactor = MemoryReactorClock()
+    service = build_service(config(tmp_path), reactor, None, store=MemoryAccountStore({}))
+    dispatcher = service.dispatcher
+    breaker, gate = dispatcher.breakers["main"], dispatcher.gates["main"]
+    routes = dict(dispatcher.providers)
+    dispatcher.replace_routes(routes, ("main",))
+    assert (dispatcher.breakers["main"], dispatcher.gates["main"]) == (breaker, gate)
+    changed = dataclasses.replace(routes["main"], circuit=CircuitPolicy(failures=9))
+    dispatcher.replace_routes({"main": changed, "other": routes["main"]}, ("main", "other"))
+    assert dispatcher.breakers["main"] is not breaker and dispatcher.breakers["main"].policy.failures == 9
+    assert dispatcher.gates["main"] is gate
+    assert set(dispatcher.breakers) == set(dispatcher.gates) == {"main", "other"}

@@ -148,7 +148,7 @@ def test_dispatcher_counts_each_request_and_its_latency() -> None:
 
     first = SlowTransport(error.ConnectionRefusedError())
     second = SlowTransport(HTTPResponse(503, (), b""), ok("id-9"))
-    dispatcher = Dispatcher({"p1": route("p1", first), "p2": route("p2", second)}, ("p1", "p2"), clock, metrics)
+    dispatcher = Dispatcher({"p1": route("p1", first), "p2": route("p2", second)}, ("p1", "p2"), clock, metrics=metrics)
     assert isinstance(dispatcher.deliver(EMAIL, Account(name="a"), "QID").result, Retry)
     assert dispatcher.deliver(EMAIL, Account(name="a", route=("p2",)), "QID2").result == Delivered("p2", "id-9")
     assert value(metrics, "mailgate_provider_requests_total", provider="p1", outcome="unreachable") == 1
@@ -163,7 +163,7 @@ def test_dispatcher_counts_each_request_and_its_latency() -> None:
 def test_timeout_is_no_answer() -> None:
     """A request that timed out is counted as no_answer."""
     metrics = Metrics()
-    dispatcher = Dispatcher({"p1": route("p1", ScriptedTransport(APITimeout("no answer within 2 s")))}, ("p1",), Clock(), metrics)
+    dispatcher = Dispatcher({"p1": route("p1", ScriptedTransport(APITimeout("no answer within 2 s")))}, ("p1",), Clock(), metrics=metrics)
     dispatcher.deliver(EMAIL, Account(name="a"), "QID")
     assert value(metrics, "mailgate_provider_requests_total", provider="p1", outcome="no_answer") == 1
 
