@@ -89,9 +89,9 @@ class _Page(Resource):
 
 
 class _Text(_Page):
-    def __init__(self, status: int, text: str, headers: Mapping[bytes, bytes] = {}):  # noqa: B006 - read only
+    def __init__(self, status: int, text: str, headers: Mapping[bytes, bytes] | None = None):
         super().__init__()
-        self.status, self.text, self.headers = status, text, headers
+        self.status, self.text, self.headers = status, text, dict(headers or {})
 
     def render_GET(self, request: Any) -> bytes:
         for name, value in self.headers.items():

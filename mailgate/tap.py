@@ -3,7 +3,9 @@
 The reactor is imported inside :func:`makeService`, never at import time, so
 that twistd can install the reactor it was asked for (STYLE.md, Twisted's own
 plugins).  A configuration error prints one line naming the key and exits
-non-zero, without a traceback.
+non-zero, without a traceback.  SIGHUP reloads certificates, accounts and
+providers (:mod:`mailgate.reload`); ``--logger mailgate.logging.json_observer``
+makes twistd log JSON (:mod:`mailgate.logging`).
 """
 
 from __future__ import annotations
