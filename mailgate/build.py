@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.cred.portal import Portal
 from twisted.internet import threads
@@ -20,16 +19,21 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailgate import message
 from mailgate.accounts.account import Account
+from mailgate.admin import admin_site, directory_writable
 from mailgate.accounts.filestore import FileAccountStore
 from mailgate.accounts.passthrough import PassthroughStore
 from mailgate.auth import AccountRealm, AccountStoreChecker
 from mailgate.circuit import CircuitPolicy
-from mailgate.config import Config, ConfigError, ListenerConfig, ProviderConfig
+from mailgate.config import Config, ConfigError, ListenerConfig, ProviderConfig, load_config
 from mailgate.dispatch import Dispatcher, Route
 from mailgate.events import make_event_sink
 from mailgate.interfaces import IAccountStore, IDeliverer
+from mailgate.listeners import ListenerService, all_listening, listener_names
+from mailgate.metrics import Metrics
 from mailgate.providers import registry
+from mailgate.providers.providertype import ProviderType
 from mailgate.ratelimit import AccountRateLimiter, MessageRate, RequestLimits
+from mailgate.reload import Parts, Reloader
 from mailgate.smtp import SessionPolicy, SMTPSessionFactory
 from mailgate.tls import ReloadableContextFactory, ensure_dev_certificate
 
@@ -82,17 +86,27 @@ def build_account_store(config: Config) -> IAccountStore:
 
 def build_routes(config: Config, reactor: Any, http_client: Any) -> dict[str, Route]:
     """One adapter + transport per configured provider, settings checked by key."""
-    routes: dict[str, Route] = {}
-    for name, provider in config.providers.items():
-        kind = registry.lookup(name, provider.type)
-        settings = dict(provider.settings)
-        unknown = sorted(set(settings) - set(kind.settings))
-        if unknown:
-            raise ConfigError(f"providers.{name}.{unknown[0]}", "unknown key")
-        kind.validate(name, settings)
-        transport = kind.transport(settings, reactor, http_client, config.delivery.api_timeout)
-        routes[name] = Route(kind.adapter(name, settings), transport, *provider_policies(provider))
-    return routes
+    return {
+        name: build_route(provider, reactor, http_client, config.delivery.api_timeout)
+        for name, provider in config.providers.items()
+    }
+
+
+def provider_settings(provider: ProviderConfig) -> tuple[ProviderType, dict[str, Any]]:
+    """The provider's type and its validated settings (defaults filled); ConfigError naming the key."""
+    kind = registry.lookup(provider.name, provider.type)
+    settings = dict(provider.settings)
+    unknown = sorted(set(settings) - set(kind.settings))
+    if unknown:
+        raise ConfigError(f"providers.{provider.name}.{unknown[0]}", "unknown key")
+    kind.validate(provider.name, settings)
+    return kind, settings
+
+
+def build_route(provider: ProviderConfig, reactor: Any, http_client: Any, api_timeout: float) -> Route:
+    kind, settings = provider_settings(provider)
+    transport = kind.transport(settings, reactor, http_client, api_timeout)
+    return Route(kind.adapter(provider.name, settings), transport, *provider_policies(provider))
 
 
 def provider_policies(provider: ProviderConfig) -> tuple[RequestLimits, CircuitPolicy]:
@@ -158,7 +172,9 @@ def check_accounts(config: Config, store: IAccountStore) -> None:
                     raise ConfigError(f"accounts.{account.name}.providers.{name}.{key}", "unknown key")
 
 
-def session_policy(config: Config, listener: ListenerConfig, tls: Any, cram_md5: bool) -> SessionPolicy:
+def session_policy(
+    config: Config, listener: ListenerConfig, tls: Any, cram_md5: bool, name: str = ""
+) -> SessionPolicy:
     return SessionPolicy(
         role=listener.role,
         hostname=config.server.hostname,
@@ -166,6 +182,7 @@ def session_policy(config: Config, listener: ListenerConfig, tls: Any, cram_md5:
         trusted_networks=listener.trusted_networks,
         limits=config.limits,
         cram_md5=cram_md5,
+        listener=name or listener.role,
     )
 
 
@@ -178,10 +195,12 @@ def listener_factory(
     reactor: Any,
     cram_md5: bool,
     message_rate: AccountRateLimiter | None = None,
+    name: str = "",
+    metrics: Metrics | None = None,
 ) -> Any:
     """The protocol factory for one listener; ``submissions`` is wrapped in TLS (RFC 8314)."""
     factory = SMTPSessionFactory(
-        session_policy(config, listener, tls, cram_md5),
+        session_policy(config, listener, tls, cram_md5, name),
         portal,
         deliverer,
         reactor,
@@ -190,10 +209,29 @@ def listener_factory(
         if listener.trusted_networks
         else None,
         message_rate=message_rate,
+        metrics=metrics,
     )
     if listener.implicit_tls:
         return TLSMemoryBIOFactory(tls, False, factory)
     return factory
+
+
+def build_parts(
+    config: Config, reactor: Any, http_client: Any, store: IAccountStore | None = None
+) -> Parts:
+    """What start-up and every reload build from a configuration, checked together."""
+    check_passthrough(config)
+    tls = build_tls(config)
+    store = store if store is not None else build_account_store(config)
+    check_accounts(config, store)
+    return Parts(tls=tls, store=store, routes=build_routes(config, reactor, http_client))
+
+
+def endpoint_from(reactor: Any, description: str, key: str) -> Any:
+    try:
+        return serverFromString(reactor, description)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(key, f"invalid endpoint string: {e}") from None
 
 
 def build_service(
@@ -201,43 +239,70 @@ def build_service(
     reactor: Any,
     http_client: Any,
     store: IAccountStore | None = None,
+    load: Callable[[], Config] | None = None,
 ) -> MultiService:
     """Wire listeners, authentication and delivery into one service.
 
     Raises ConfigError (or TLSConfigError) for anything that makes start-up
-    impossible, before a single port is bound.
+    impossible, before a single port is bound.  ``load`` reads the configuration
+    again for a reload (default: the file it came from); a ``store`` given here
+    is kept across reloads.
     """
-    check_passthrough(config)
-    tls = build_tls(config)
-    store = store if store is not None else build_account_store(config)
-    check_accounts(config, store)
-    portal = Portal(AccountRealm(), [AccountStoreChecker(store)])
+    injected_store = store
+
+    def prepare(config: Config) -> Parts:
+        return build_parts(config, reactor, http_client, injected_store)
+
+    parts = prepare(config)
+    tls, store = parts.tls, parts.store
+    metrics = Metrics()
+    checker = AccountStoreChecker(store)
+    portal = Portal(AccountRealm(), [checker])
     dispatcher = Dispatcher(
-        build_routes(config, reactor, http_client),
+        parts.routes,
         config.default_route,
         reactor,
         limit_wait=config.delivery.api_timeout,
+        metrics=metrics,
     )
     message_rate = AccountRateLimiter(reactor, default_message_rate(config))
     cram_md5 = bool(store.supports_cram_md5)
+    names = listener_names(config.listeners)
+    metrics.declare(names, config.providers)
     top = MultiService()
-    for listener in config.listeners:
-        try:
-            endpoint = serverFromString(reactor, listener.endpoint)
-        except (ValueError, TypeError, KeyError) as e:
-            index = config.listeners.index(listener)
-            raise ConfigError(f"listeners[{index}].endpoint", f"invalid endpoint string: {e}") from None
-        factory = listener_factory(config, listener, tls, portal, dispatcher, reactor, cram_md5, message_rate)
-        service = StreamServerEndpointService(endpoint, factory)
-        service._raiseSynchronously = True  # A port that cannot be bound stops start-up.
+    listeners, smtp_factories = [], []
+    for index, (listener, name) in enumerate(zip(config.listeners, names, strict=True)):
+        endpoint = endpoint_from(reactor, listener.endpoint, f"listeners[{index}].endpoint")
+        factory = listener_factory(
+            config, listener, tls, portal, dispatcher, reactor, cram_md5, message_rate, name, metrics
+        )
+        smtp_factories.append(getattr(factory, "wrappedFactory", factory))
+        service = ListenerService(name, endpoint, factory)
         service.setServiceParent(top)
+        listeners.append(service)
     # After the listeners (their order matches config.listeners): stopping it
     # makes a last attempt, bounded in time, for the events still held.
     events = make_event_sink(config.events, reactor, http_client)
     events.setServiceParent(top)
+    # /readyz.  The queue's spool check replaces "state_dir" when it arrives.
+    readiness = {
+        "listeners": lambda: all_listening(listeners),
+        "state_dir": lambda: directory_writable(config.server.state_dir),
+        "routes": lambda: any(dispatcher.usable(name) for name in dispatcher.default_route),
+    }
+    if config.admin.endpoint is not None:
+        site = admin_site(readiness, metrics.registry, config.admin.token)
+        ListenerService("admin", endpoint_from(reactor, config.admin.endpoint, "admin.endpoint"), site).setServiceParent(top)
+    if load is None:
+        source = config.source
+        load = (lambda: load_config(source)) if source is not None else (lambda: config)
     top.dispatcher = dispatcher  # type: ignore[attr-defined]
     top.events = events  # type: ignore[attr-defined]
     top.message_rate = message_rate  # type: ignore[attr-defined]
     top.tls = tls  # type: ignore[attr-defined]
     top.account_store = store  # type: ignore[attr-defined]
+    top.metrics = metrics  # type: ignore[attr-defined]
+    top.readiness = readiness  # type: ignore[attr-defined]
+    top.listeners_up = lambda: all_listening(listeners)  # type: ignore[attr-defined]
+    top.reloader = Reloader(config, load, prepare, tls, checker, dispatcher, smtp_factories, metrics)  # type: ignore[attr-defined]
     return top

@@ -8,7 +8,10 @@ directory, fsynced, renamed over the old one, directory fsynced), with mode
 0600 and the previous owner, so a crash leaves either the old or the new file
 and the server never reads half of one.  The rewrite goes through
 :mod:`tomli_w`, so comments in the accounts file are not preserved.  A running
-server reads the new file when it reloads its accounts.
+server reads the new file when it reloads its accounts (SIGHUP).
+
+``mailgate check`` (:mod:`mailgate.check`) and ``mailgate send-test``
+(:mod:`mailgate.sendtest`) exit 1 when what they check or send failed.
 
 Every subcommand is one ``_cmd_*`` function; :func:`main` parses and
 dispatches.  Errors print one line, ``mailgate: error: ...``, and exit 2.
@@ -34,6 +37,7 @@ from mailgate.configvalues import ConfigError
 __all__ = ["main"]
 
 EXIT_OK = 0
+EXIT_FAILED = 1  # The command ran; what it checked or sent failed.
 EXIT_ERROR = 2
 
 
@@ -128,6 +132,32 @@ def _build_parser() -> argparse.ArgumentParser:
     remove.add_argument("user", metavar="USER")
 
     action("list", _cmd_account_list, "list accounts (never their hashes)")
+
+    check = commands.add_parser(
+        "check",
+        help="check a configuration: file, certificate, accounts, listeners, provider credentials",
+        description="One line per check (OK, WARN, FAIL, SKIP); exit status 1 when any check failed.",
+    )
+    check.set_defaults(handler=_cmd_check)
+    check.add_argument("--config", required=True, type=Path, metavar="PATH", help="mailgate configuration file")
+
+    send = commands.add_parser(
+        "send-test",
+        help="send a test message through the running gateway",
+        description="Connects to a configured listener like a client (TLS, AUTH), sends one message "
+        "and prints the final reply; exit status 1 unless it is 2xx.",
+    )
+    send.set_defaults(handler=_cmd_send_test)
+    send.add_argument("--config", required=True, type=Path, metavar="PATH", help="mailgate configuration file")
+    send.add_argument("--to", required=True, metavar="ADDRESS", help="the recipient")
+    send.add_argument("--from", dest="sender", metavar="ADDRESS", help="the sender (default: mailgate-test@HOSTNAME)")
+    send.add_argument("--listener", type=int, default=0, metavar="N", help="which [[listeners]] entry, from 0 (default 0)")
+    send.add_argument("--server", metavar="HOST:PORT", help="connect here instead of the listener's own address")
+    send.add_argument("--user", metavar="USER", help="log in as USER (AUTH)")
+    send.add_argument(
+        "--password-file", type=Path, metavar="FILE", help='file holding the password ("-": standard input)'
+    )
+    send.add_argument("--show-dialogue", action="store_true", help="print the SMTP dialogue (AUTH redacted)")
     return parser
 
 
@@ -210,6 +240,55 @@ def _cmd_account_list(args: argparse.Namespace) -> int:
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
     return EXIT_OK
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from twisted.internet import defer, task
+
+    from mailgate.check import run_checks, summary
+    from mailgate.transports import make_http_client
+
+    async def main(reactor: Any) -> None:
+        client, pool = make_http_client(reactor)
+        try:
+            verdicts = await run_checks(args.config, reactor, client, lambda v: print(v.line(), flush=True))
+            text, status = summary(verdicts)
+        except Exception as e:  # noqa: BLE001 - one line, never a traceback
+            print(f"mailgate: error: unexpected {type(e).__name__}: {e}", file=sys.stderr)
+            raise SystemExit(EXIT_ERROR) from None
+        finally:
+            await pool.closeCachedConnections()
+        print(f"mailgate check: {text}")
+        raise SystemExit(status)
+
+    task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+    return EXIT_ERROR  # react() always exits
+
+
+def _cmd_send_test(args: argparse.Namespace) -> int:
+    from mailgate.config import load_config
+    from mailgate.sendtest import SendTestError, send_test
+
+    if (args.user is None) != (args.password_file is None):
+        raise CommandError("--user and --password-file go together")
+    password = None
+    if args.password_file is not None:
+        try:
+            raw = sys.stdin.readline() if str(args.password_file) == "-" else args.password_file.read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CommandError(f"cannot read {args.password_file}: {getattr(e, 'strerror', None) or e}") from None
+        password = raw.splitlines()[0] if raw.strip() else ""
+        if not password:
+            raise CommandError(f"{args.password_file}: no password in it")
+    config = load_config(args.config)
+    try:
+        result = send_test(config, args.listener, args.to, args.sender, args.user, password, args.server)
+    except SendTestError as e:
+        raise CommandError(str(e)) from None
+    if args.show_dialogue:
+        print("\n".join(result.dialogue))
+    print(result.reply)
+    return EXIT_OK if 200 <= result.code < 300 else EXIT_FAILED
 
 
 # -- helpers -------------------------------------------------------------------

@@ -25,6 +25,7 @@ from mailgate.providers.registry import TYPE_NAMES
 
 __all__ = [
     "AccountsConfig",
+    "AdminConfig",
     "Config",
     "ConfigError",
     "DeliveryConfig",
@@ -141,6 +142,18 @@ class EventsConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    """The admin HTTP listener (/healthz, /readyz, /metrics); no endpoint, no listener."""
+
+    endpoint: str | None = None
+    token: str | None = field(default=None, repr=False)  # Bearer token required when set.
+
+
+# RFC 6750 §2.1 b64token: what an Authorization: Bearer header can carry.
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig
     tls: TLSConfig
@@ -151,6 +164,7 @@ class Config:
     providers: Mapping[str, ProviderConfig]
     events: EventsConfig | None = None
     source: Path | None = None
+    admin: AdminConfig = AdminConfig()
 
     @property
     def default_route(self) -> tuple[str, ...]:
@@ -331,6 +345,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
             raise ConfigError("accounts.password_settings", "required for the passthrough store")
 
     events = _events(top.data.pop("events", None), base_dir)
+    admin = _admin(top.table("admin"), base_dir)
 
     top.finish()
     return Config(
@@ -343,7 +358,23 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
         providers=MappingProxyType(providers),
         events=events,
         source=source,
+        admin=admin,
     )
+
+
+def _admin(table: _Table, base_dir: Path) -> AdminConfig:
+    endpoint = table.string("endpoint")
+    if endpoint == "":
+        raise ConfigError("admin.endpoint", 'must be a Twisted endpoint string, e.g. "tcp:9025:interface=127.0.0.1"')
+    token = table.string("token")
+    if token is not None:
+        token = resolve_secret(token, "admin.token", base_dir=base_dir)
+        if not _BEARER_TOKEN.fullmatch(token):
+            raise ConfigError("admin.token", "must be letters, digits and - . _ ~ + / (an RFC 6750 bearer token)")
+        if endpoint is None:
+            raise ConfigError("admin.token", "needs admin.endpoint")
+    table.finish()
+    return AdminConfig(endpoint=endpoint, token=token)
 
 
 def _listener(data: Any, key: str) -> ListenerConfig:

@@ -31,6 +31,7 @@ from zope.interface import implementer
 from mailgate.accounts.account import Account
 from mailgate.circuit import CircuitBreaker, CircuitPolicy, CircuitState
 from mailgate.interfaces import IDeliverer, IProvider, ITransport
+from mailgate.metrics import Metrics
 from mailgate.model import OutboundEmail
 from mailgate.outcome import Delivered, Failed, Outcome, Retry
 from mailgate.providers.base import HTTPResponse
@@ -66,6 +67,7 @@ class Dispatcher:
         default_route: Sequence[str],
         clock: Any,
         limit_wait: float | None = 30.0,
+        metrics: Metrics | None = None,
     ):
         self.providers = providers
         self.default_route = tuple(default_route)
@@ -73,6 +75,34 @@ class Dispatcher:
         self.limit_wait = limit_wait
         self.breakers = {name: CircuitBreaker(name, clock, route.circuit) for name, route in providers.items()}
         self.gates = {name: RequestGate(route.limits, clock) for name, route in providers.items()}
+        self.metrics = metrics if metrics is not None else Metrics()
+
+    def replace_routes(self, providers: Mapping[str, Route], default_route: Sequence[str]) -> None:
+        """Use new providers from now on (a reload).
+
+        A provider whose limits (or circuit policy) did not change keeps its gate
+        (and breaker): requests in flight stay counted, an open circuit stays open.
+        Deliveries under way finish with the objects they started with.
+        """
+        old = self.providers
+        self.breakers = {
+            name: self.breakers[name]
+            if name in old and old[name].circuit == route.circuit
+            else CircuitBreaker(name, self.clock, route.circuit)
+            for name, route in providers.items()
+        }
+        self.gates = {
+            name: self.gates[name]
+            if name in old and old[name].limits == route.limits
+            else RequestGate(route.limits, self.clock)
+            for name, route in providers.items()
+        }
+        self.providers, self.default_route = providers, tuple(default_route)
+
+    def usable(self, name: str) -> bool:
+        """Configured, and its circuit not open (readiness; changes no state)."""
+        breaker = self.breakers.get(name)
+        return breaker is not None and breaker.retry_in() == 0
 
     @defer.inlineCallbacks
     def deliver(self, email: OutboundEmail, account: Account, queue_id: str) -> Any:
@@ -97,6 +127,15 @@ class Dispatcher:
                 continue
             # allow() on a half-open circuit hands this message the one probe.
             probe = breaker.state is CircuitState.HALF_OPEN
+            if last_retry is not None:
+                # The message outcome line names only the last provider: say why we moved on.
+                self.log.info(
+                    "message {queue_id} failover to {provider}: {previous} {outcome}",
+                    queue_id=queue_id,
+                    provider=name,
+                    previous=last_retry.provider,
+                    outcome=_describe(last_retry),
+                )
             try:
                 outcome = yield self._attempt(name, provider, email, account, queue_id)
             finally:
@@ -138,7 +177,6 @@ class Dispatcher:
         requests = provider.adapter.build_requests(email, account, queue_id)
         delivered: list[Delivered] = []
         for request in requests:
-            started = self.clock.seconds()
             outcome = yield self._request(name, provider, request)
             if delivered and isinstance(outcome, Retry) and not outcome.ambiguous:
                 # Part of the message is with this provider: another one must not get it.
@@ -150,15 +188,6 @@ class Dispatcher:
                     reason=f"{len(delivered)} of {len(requests)} requests were accepted before: {outcome.reason}",
                 )
             if not isinstance(outcome, Delivered):
-                # Successes are logged once per message by the session; failed attempts
-                # here, so a failover can be traced provider by provider.
-                self.log.info(
-                    "provider {provider} message {queue_id}: {outcome} after {elapsed:.3f}s",
-                    provider=name,
-                    queue_id=queue_id,
-                    outcome=_describe(outcome),
-                    elapsed=self.clock.seconds() - started,
-                )
                 # A request after an accepted one failed: the client must retry the whole
                 # message; the idempotency key lets the API recognise the repeat.
                 return outcome
@@ -178,6 +207,7 @@ class Dispatcher:
             # Our own limit, not the API's failure: the breaker does not count it.
             return Retry(name, str(e), "4.7.0")
         response: HTTPResponse | None = None
+        started = self.clock.seconds()
         try:
             response = yield provider.transport.send(request)
         except APITimeout as e:
@@ -191,6 +221,7 @@ class Dispatcher:
             outcome = provider.adapter.classify(request, response)
         finally:
             release()
+        self.metrics.provider_request(name, outcome, self.clock.seconds() - started)
         # A 429 is not counted: the API is up and asks us to slow down, often for
         # one API key only (passthrough logins each bring their own); the message
         # fails over, but one client's quota must not open the circuit for everyone.

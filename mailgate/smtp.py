@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer, task
+from twisted.internet import defer, error, task
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer, ITLSTransport
 from twisted.logger import Logger
 from twisted.mail.smtp import ESMTP, SMTPFactory
@@ -55,8 +55,11 @@ from mailgate.config import LimitsConfig
 from mailgate.framing import DataReader
 from mailgate.ids import new_queue_id
 from mailgate.interfaces import IAccount, IDeliverer
+from mailgate.logging import log_message_outcome
 from mailgate.message import MessageParseError
 from mailgate.ratelimit import AccountRateLimiter
+from mailgate.metrics import Metrics
+from mailgate.outcome import Outcome
 from mailgate.replies import Reply
 
 MAX_COMMAND_LINE = 512  # RFC 5321 §4.5.3.1.4, including CRLF.
@@ -82,6 +85,7 @@ class SessionPolicy:
     trusted_networks: tuple[Any, ...] = ()
     limits: LimitsConfig = LimitsConfig()
     cram_md5: bool = False
+    listener: str = ""  # The listener's name in logs and metrics (never its address).
 
     @property
     def implicit_tls(self) -> bool:
@@ -110,8 +114,10 @@ class SMTPSession(ESMTP):
         parse: Callable[..., Any],
         trusted_account: Account | None = None,
         message_rate: AccountRateLimiter | None = None,
+        metrics: Metrics | None = None,
     ):
         super().__init__(chal={}, contextFactory=policy.tls)
+        self.metrics = metrics if metrics is not None else Metrics()
         self.policy = policy
         self.portal = portal
         self.deliverer = deliverer
@@ -144,6 +150,9 @@ class SMTPSession(ESMTP):
         self.account: Account | None = None
         self.peer_ip = ""
         self.messages_accepted = 0
+        self.messages_rejected = 0
+        self._started = 0.0
+        self._end_reason: str | None = None
         self._reset_session()
 
     # -- connection lifecycle ------------------------------------------------
@@ -151,6 +160,8 @@ class SMTPSession(ESMTP):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.peer_ip = getattr(peer, "host", str(peer))
+        self._started = self.clock.seconds()
+        self.metrics.connection_opened(self.policy.listener)
         self.setTimeout(self.policy.limits.command_timeout)
         self._lifetime_timer = self.clock.callLater(self.policy.limits.session_lifetime, self._lifetime_over)
         # Replies are produced in answer to input: a client that never reads them must
@@ -172,6 +183,28 @@ class SMTPSession(ESMTP):
             if timer is not None and timer.active():
                 timer.cancel()
         self._discard_data()
+        self._log_session_end(reason)
+
+    def _log_session_end(self, reason: Failure | None) -> None:
+        """The one line per session: who, where, how it went and why it ended."""
+        if self._end_reason is None:
+            clean = reason is None or reason.check(error.ConnectionDone) is not None
+            self._end_reason = "client closed the connection" if clean else (
+                f"connection lost: {replies.sanitise_text(reason.getErrorMessage(), 200)}"  # type: ignore[union-attr]
+            )
+        self.metrics.session_ended(self.policy.listener, self._tls_active)
+        self.log.info(
+            "session end: peer={peer} listener={listener} tls={tls} account={account} "
+            "messages={messages} rejected={rejected} duration={duration:.3f}s reason={reason}",
+            peer=self.peer_ip,
+            listener=self.policy.listener,
+            tls=self._tls_active,
+            account=self.account.name if self.account is not None else "-",
+            messages=self.messages_accepted,
+            rejected=self.messages_rejected,
+            duration=self.clock.seconds() - self._started,
+            reason=self._end_reason,
+        )
 
     def handshakeCompleted(self) -> None:
         """IHandshakeListener: the TLS handshake finished; stop its timer."""
@@ -186,6 +219,7 @@ class SMTPSession(ESMTP):
 
     def _handshake_timed_out(self) -> None:
         self._handshake_timer = None
+        self._end_reason = "TLS handshake timeout"
         self._closing = True
         self.transport.abortConnection()
 
@@ -204,6 +238,7 @@ class SMTPSession(ESMTP):
     def _close_with(self, reply: Reply) -> None:
         if self._closing:
             return
+        self._end_reason = str(reply)
         self._send(reply)
         self._disconnect()
 
@@ -226,7 +261,7 @@ class SMTPSession(ESMTP):
     def _abort_stalled_close(self) -> None:
         self._abort_timer = None
         if not self._connection_lost:
-            self.log.info("aborting connection from {peer}: replies not read within the close grace", peer=self.peer_ip)
+            self._end_reason = f"{self._end_reason or 'closing'}; aborted: replies not read within {CLOSE_GRACE:g} s"
             self.transport.abortConnection()
 
     # -- IPushProducer: the transport throttles our replies ------------------------
@@ -483,6 +518,7 @@ class SMTPSession(ESMTP):
         return replies.HELP
 
     def smtp_QUIT(self, argument: bytes) -> _Stop:
+        self._end_reason = "quit"
         self._send(replies.SERVICE_CLOSING)
         self._disconnect()
         return STOP
@@ -553,26 +589,36 @@ class SMTPSession(ESMTP):
         if step.credentials is None:
             return self._auth_failed(mechanism.name)
         login = self.portal.login(step.credentials, None, IAccount)
-        login.addCallbacks(self._logged_in, self._login_failed, errbackArgs=(mechanism.name,))
+        login.addCallbacks(
+            self._logged_in, self._login_failed, callbackArgs=(mechanism.name,), errbackArgs=(mechanism.name,)
+        )
         return login
 
-    def _logged_in(self, result: tuple[Any, Account, Callable[[], None]]) -> Reply:
+    def _logged_in(self, result: tuple[Any, Account, Callable[[], None]], mechanism: str) -> Reply:
         _, account, _ = result
         self.account = account
-        self.log.info("AUTH success for account {account} from {peer}", account=account.name, peer=self.peer_ip)
+        self.metrics.auth_result(mechanism, "success")
+        self.log.info(
+            "AUTH {mechanism} success: account={account} peer={peer}",
+            mechanism=mechanism,
+            account=account.name,
+            peer=self.peer_ip,
+        )
         return replies.AUTH_OK
 
     def _login_failed(self, failure: Failure, mechanism: str) -> Any:
         if failure.check(UnauthorizedLogin):
             return self._auth_failed(mechanism)
-        self.log.failure("account store error during AUTH from {peer}", failure, peer=self.peer_ip)
+        self.metrics.auth_result(mechanism, "error")
+        self.log.failure("AUTH {mechanism} error: account store failed; peer={peer}", failure, mechanism=mechanism, peer=self.peer_ip)
         return replies.AUTH_TEMPFAIL
 
     def _auth_failed(self, mechanism: str) -> Any:
         """Answer a failed login slowly, and close after too many (SECURITY.md 7)."""
         self._auth_failures += 1
+        self.metrics.auth_result(mechanism, "failure")
         self.log.info(
-            "AUTH {mechanism} failure {count} from {peer}",
+            "AUTH {mechanism} failure {count}: peer={peer}",
             mechanism=mechanism,
             count=self._auth_failures,
             peer=self.peer_ip,
@@ -671,21 +717,22 @@ class SMTPSession(ESMTP):
         sender, recipients, account = self._sender, self._recipients, self._transaction_account
         self._reset_transaction()
         self.setTimeout(self.policy.limits.command_timeout)
-        if reader.error is not None:
-            spool.close()
-            return reader.error
         assert sender is not None and account is not None
         queue_id = new_queue_id()
+        verdict = functools.partial(self._verdict, queue_id, account, len(recipients), self.clock.seconds())
+        if reader.error is not None:
+            spool.close()
+            return verdict(reader.error, size=reader.size)
         try:
             spool.seek(0)
             raw = self._received_header(queue_id) + spool.read()
         except OSError as e:
             self.log.error("cannot read back the spooled message from {peer}: {error}", peer=self.peer_ip, error=e)
-            return replies.LOCAL_ERROR
+            return verdict(replies.LOCAL_ERROR)
         finally:
             spool.close()
         return defer.maybeDeferred(
-            self._deliver, queue_id, raw, sender.address, tuple(recipients), account
+            self._deliver, queue_id, raw, sender.address, tuple(recipients), account, verdict
         )
 
     def _received_header(self, queue_id: str) -> bytes:
@@ -704,40 +751,71 @@ class SMTPSession(ESMTP):
         ).encode("ascii", "replace")
 
     @defer.inlineCallbacks
-    def _deliver(self, queue_id: str, raw: bytes, sender: str, recipients: tuple[str, ...], account: Account) -> Any:
+    def _deliver(
+        self,
+        queue_id: str,
+        raw: bytes,
+        sender: str,
+        recipients: tuple[str, ...],
+        account: Account,
+        verdict: Callable[..., Reply],
+    ) -> Any:
         try:
             email_ = yield self.parse(raw, sender, recipients, account.defaults)
         except MessageParseError as e:
-            self.log.info("message {queue_id} unparsable: {error}", queue_id=queue_id, error=str(e))
-            return replies.UNPARSABLE_MESSAGE
+            return verdict(replies.UNPARSABLE_MESSAGE, size=len(raw), note=str(e))
         except Exception:  # noqa: BLE001 - a parser bug is ours: retry later, never a drop
             self.log.failure("parser failed on message {queue_id} from {peer}", queue_id=queue_id, peer=self.peer_ip)
-            return replies.LOCAL_ERROR
+            return verdict(replies.LOCAL_ERROR, size=len(raw))
         if self._closing:
             # The client left while we parsed (possibly in a thread): it will not
             # hear a verdict, so it will retry; delivering now would duplicate.
-            self.log.info("message {queue_id} not delivered: client disconnected", queue_id=queue_id)
+            self.log.info(
+                "message {queue_id} abandoned: account={account} peer={peer}: client disconnected before the verdict",
+                queue_id=queue_id,
+                account=account.name,
+                peer=self.peer_ip,
+            )
             return None
         if account.allowed_senders:
             # Every From mailbox and every Sender/Resent-* address, not only the first
             # From: otherwise a second From or a Sender header would slip through.
             authors = email_.author_addresses or ("",)
             if not all(account.sender_allowed(address) for address in authors):
-                return replies.FROM_NOT_ALLOWED
+                return verdict(replies.FROM_NOT_ALLOWED, size=len(raw))
         outcome = yield self.deliverer.deliver(email_, account, queue_id)
-        reply = outcome.reply()
-        self.log.info(
-            "message {queue_id} account={account} provider={provider} recipients={count} "
-            "size={size}: {reply}",
-            queue_id=queue_id,
-            account=account.name,
-            provider=outcome.provider,
-            count=len(recipients),
-            size=len(raw),
-            reply=str(reply),
-        )
+        return verdict(outcome.reply(), size=len(raw), outcome=outcome)
+
+    def _verdict(
+        self,
+        queue_id: str,
+        account: Account,
+        recipients: int,
+        started: float,
+        reply: Reply,
+        size: int | None = None,
+        outcome: Outcome | None = None,
+        note: str | None = None,
+    ) -> Reply:
+        """Count and log (one line) the reply to a message's final dot, and return it."""
+        self.metrics.message_answered(reply)
         if reply.is_success:
             self.messages_accepted += 1
+        else:
+            self.messages_rejected += 1
+        log_message_outcome(
+            self.log,
+            queue_id=queue_id,
+            account=account.name,
+            reply=reply,
+            outcome=outcome,
+            attempt=1,
+            duration=self.clock.seconds() - started,
+            recipients=recipients,
+            size=size,
+            peer=self.peer_ip,
+            note=note,
+        )
         return reply
 
 
@@ -745,6 +823,7 @@ class SMTPSessionFactory(SMTPFactory):
     """Builds :class:`SMTPSession` objects for one listener."""
 
     protocol = SMTPSession  # type: ignore[assignment]
+    noisy = False  # The listener's own line says where it listens.
 
     def __init__(
         self,
@@ -755,6 +834,7 @@ class SMTPSessionFactory(SMTPFactory):
         parse: Callable[..., Any],
         trusted_account: Account | None = None,
         message_rate: AccountRateLimiter | None = None,
+        metrics: Metrics | None = None,
     ):
         super().__init__(portal)
         self.policy = policy
@@ -763,6 +843,7 @@ class SMTPSessionFactory(SMTPFactory):
         self.parse = parse
         self.trusted_account = trusted_account
         self.message_rate = message_rate
+        self.metrics = metrics if metrics is not None else Metrics()
 
     def buildProtocol(self, addr: Any) -> SMTPSession:
         session = SMTPSession(
@@ -773,6 +854,7 @@ class SMTPSessionFactory(SMTPFactory):
             self.parse,
             self.trusted_account,
             self.message_rate,
+            self.metrics,
         )
         session.factory = self
         return session

@@ -3,7 +3,9 @@
 The reactor is imported inside :func:`makeService`, never at import time, so
 that twistd can install the reactor it was asked for (STYLE.md, Twisted's own
 plugins).  A configuration error prints one line naming the key and exits
-non-zero, without a traceback.
+non-zero, without a traceback.  SIGHUP reloads certificates, accounts and
+providers (:mod:`mailgate.reload`); ``--logger mailgate.logging.json_observer``
+makes twistd log JSON (:mod:`mailgate.logging`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def makeService(options: Options) -> IService:
     from mailgate.build import build_service
     from mailgate.config import load_config
     from mailgate.devdefault import development_setup
+    from mailgate.reload import ReloadOnSIGHUP
     from mailgate.tls import TLSConfigError
     from mailgate.transports import make_http_client
 
@@ -58,12 +61,12 @@ def makeService(options: Options) -> IService:
         if options["config"]:
             config = load_config(Path(options["config"]))
         else:
-            config, username, password = development_setup(Path(options["state-dir"]))
+            config, username, _ = development_setup(Path(options["state-dir"]))
+            # The password stays out of the log (logs are shipped and kept); its file is 0600.
             log.info(
-                "development mode: account {username!r} password {password!r} "
-                "(kept in {state}/dev-password); captured API requests go to {state}/captured",
+                "development mode: account {username!r}, password in {state}/dev-password; "
+                "captured API requests go to {state}/captured",
                 username=username,
-                password=password,
                 state=str(config.server.state_dir),
             )
         client, pool = make_http_client(reactor)
@@ -77,4 +80,5 @@ def makeService(options: Options) -> IService:
         sys.stderr.write(f"mailgate: error: {e.strerror or e}{where}\n")
         raise SystemExit(1) from None
     _ClosePool(pool).setServiceParent(service)
+    ReloadOnSIGHUP(service.reloader, reactor).setServiceParent(service)  # type: ignore[attr-defined]
     return service

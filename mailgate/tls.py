@@ -81,7 +81,12 @@ def server_context_factory(certificate: Path, private_key: Path) -> CertificateO
 
 def certificate_expiry(certificate: Path) -> datetime:
     """When the leaf (first) certificate in ``certificate`` expires, in UTC."""
-    return _load_certificate_chain(certificate)[0].not_valid_after_utc
+    return leaf_certificate(certificate).not_valid_after_utc
+
+
+def leaf_certificate(certificate: Path) -> x509.Certificate:
+    """The leaf (first) certificate of a PEM chain file; TLSConfigError naming the file."""
+    return _load_certificate_chain(certificate)[0]
 
 
 # The interface declaration is what makes TLSMemoryBIOFactory (behind both
@@ -104,6 +109,10 @@ class ReloadableContextFactory:
     def reload(self) -> None:
         """Re-read the files; on TLSConfigError the current options stay in use."""
         self.options = server_context_factory(self.certificate, self.private_key)
+
+    def adopt(self, other: ReloadableContextFactory) -> None:
+        """Serve ``other``'s certificate from now on (its files may differ from ours)."""
+        self.certificate, self.private_key, self.options = other.certificate, other.private_key, other.options
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         return self.options.serverConnectionForTLS(tlsProtocol)

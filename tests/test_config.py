@@ -30,6 +30,7 @@ def test_example_configuration_is_valid(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setenv("MAILGATE_API_TOKEN", "token-from-env")
     monkeypatch.setenv("MAILGATE_EVENTS_TOKEN", "events-token-from-env")
     monkeypatch.setenv("MAILGATE_EVENTS_SIGNING_SECRET", "events-secret-from-env")
+    monkeypatch.setenv("MAILGATE_ADMIN_TOKEN", "admin-token-from-env")
     data = tomllib.loads((REPO / "etc" / "mailgate.toml.example").read_text())
     secret = tmp_path / "secret"
     secret.write_text("signing\n")
@@ -47,6 +48,7 @@ def test_example_configuration_is_valid(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert (config.providers["main"].rate, config.providers["main"].burst) == (50.0, 100)
     assert config.limits.max_messages_per_minute == 600
     assert config.events is not None and config.events.token == "events-token-from-env"
+    assert (config.admin.endpoint, config.admin.token) == ("tcp:9025:interface=127.0.0.1", "admin-token-from-env")
 
 
 def test_defaults_and_relative_paths(tmp_path: Path) -> None:
@@ -143,7 +145,10 @@ def test_events_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         (with_(accounts={"store": "passthrough", "provider": "main"}), "accounts.password_settings: required"),
         (with_(accounts={"store": "passthrough", "provider": "x", "password_settings": ["token"]}), "accounts.provider"),
         (with_(tls={"certificate": "a.pem"}), "tls.private_key: certificate and private_key must be given together"),
-        (with_(admin={"endpoint": "tcp:9025"}), "admin: unknown key"),
+        (with_(admin={"endpoint": "tcp:9025", "port": 9025}), "admin.port: unknown key"),
+        (with_(admin={"endpoint": ""}), "admin.endpoint: must be a Twisted endpoint string"),
+        (with_(admin={"token": "abc"}), "admin.token: needs admin.endpoint"),
+        (with_(admin={"endpoint": "tcp:0", "token": "two words"}), "admin.token: must be letters"),
         (with_(server={"hostname": 5}), "server.hostname: must be a string"),
         (with_(server={"hostname": "mx.example.com\n250 x"}), "server.hostname: must be a domain name"),
         (with_(server={"hostname": ""}), "server.hostname: must be a domain name"),

@@ -16,6 +16,7 @@ from typing import Any
 
 from mailgate.configvalues import ConfigError
 from mailgate.interfaces import IProvider, ITransport
+from mailgate.providers.base import HTTPRequest, HTTPResponse, error_text
 
 
 def http_transport(settings: Mapping[str, Any], reactor: Any, http_client: Any, timeout: float) -> ITransport:
@@ -41,6 +42,37 @@ def require_url(name: str, settings: dict[str, Any], default: str | None = None)
         raise ConfigError(f"providers.{name}.url", "required: the http(s) URL of the API")
 
 
+def credentials_verdict(response: HTTPResponse) -> str | None:
+    """The usual reading of a probe's answer: None (the credentials work) for 2xx,
+    else one line saying what is wrong, with the API's own explanation."""
+    if 200 <= response.status < 300:
+        return None
+    detail = error_text(response)
+    if response.status in (401, 403):
+        return f"the API refused the credentials (HTTP {response.status}): {detail}"
+    return f"unexpected answer (HTTP {response.status}): {detail}"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A harmless request that shows whether a provider's settings and credentials work.
+
+    ``mailgate check`` sends ``request`` through the provider's own transport
+    (so an SMTP or SES provider probes its own way) and reads the answer with
+    ``verdict``: None when all is well, else a one-line reason that never
+    repeats a secret.  The request must change nothing at the provider: read
+    the account, the sending domain or the quota; never send an email.
+    """
+
+    request: HTTPRequest
+    verdict: Callable[[HTTPResponse], str | None] = credentials_verdict
+
+
+def no_probe(name: str, settings: Mapping[str, Any]) -> Probe | None:
+    """The default: the API offers no harmless call, so ``mailgate check`` says "not probed"."""
+    return None
+
+
 @dataclass(frozen=True)
 class ProviderType:
     """Everything :mod:`mailgate.build` needs to know about one adapter type."""
@@ -58,3 +90,5 @@ class ProviderType:
     validate: Callable[[str, dict[str, Any]], None] = require_url
     # (settings, reactor, http client, API timeout) -> the transport carrying the requests.
     transport: Callable[[Mapping[str, Any], Any, Any, float], ITransport] = http_transport
+    # (provider name, validated settings) -> the Probe ``mailgate check`` sends, or None.
+    probe: Callable[[str, Mapping[str, Any]], Probe | None] = no_probe

@@ -35,7 +35,7 @@ from mailgate.providers.base import (
     json_request,
     safe_message_id,
 )
-from mailgate.providers.providertype import ProviderType, capture_transport
+from mailgate.providers.providertype import ProviderType, capture_transport, no_probe
 
 SCHEMA = "mailgate.email.v1"
 # Where the capture provider pretends to send: never contacted.
@@ -194,6 +194,8 @@ PROVIDER = ProviderType(
     settings=SETTINGS,
     credential_settings=CREDENTIAL_SETTINGS,
     account_settings=ACCOUNT_SETTINGS,
+    # The schema defines one call, which sends: nothing harmless to probe with.
+    probe=no_probe,
 )
 # Development: the webhook request, written to a folder instead of being sent.
 CAPTURE = ProviderType(

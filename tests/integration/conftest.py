@@ -119,21 +119,33 @@ path = "accounts.toml"
 
 @pytest_twisted.async_yield_fixture
 async def gateway(tmp_path: Path, tls_files: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch) -> Any:
+    async for gateway in file_store_gateway(tmp_path, tls_files, monkeypatch):
+        yield gateway
+
+
+async def file_store_gateway(
+    tmp_path: Path, tls_files: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch, extra: str = ""
+) -> Any:
+    """The ``gateway`` fixture's gateway; ``extra`` is appended to its configuration."""
     monkeypatch.setenv("MAILGATE_TEST_API_TOKEN", TEST_API_TOKEN)
-    async for gateway in gateway_with_accounts(tmp_path, tls_files):
+    async for gateway in gateway_with_accounts(tmp_path, tls_files, extra=extra):
         yield gateway
 
 
 async def gateway_with_accounts(
-    tmp_path: Path, tls_files: tuple[Path, Path, Path], provider: Callable[[str], str] | None = None
+    tmp_path: Path,
+    tls_files: tuple[Path, Path, Path],
+    provider: Callable[[str], str] | None = None,
+    extra: str = "",
 ) -> Any:
     """A running gateway with the accounts of :data:`PASSWORDS`, made by ``mailgate account add``.
 
-    ``provider(api_url)`` gives the ``[providers.api]`` table (default: the webhook).
+    ``provider(api_url)`` gives the ``[providers.api]`` table (default: the webhook);
+    ``extra`` is appended to the configuration.
     """
     api = FakeEmailAPI()
     await api.start(reactor)
-    config_path = write_config(tmp_path, tls_files, api.url, provider=provider(api.url) if provider else None)
+    config_path = write_config(tmp_path, tls_files, api.url, extra, provider=provider(api.url) if provider else None)
     for user, password in PASSWORDS.items():
         args = ["account", "add", "--config", str(config_path), user, "--password", password, "--cram-md5"]
         if user == "restricted":
@@ -141,6 +153,26 @@ async def gateway_with_accounts(
         assert cli_main(args) == 0
     async for gateway in running_gateway(config_path, api, tls_files[2]):
         yield gateway
+
+
+@pytest_twisted.async_yield_fixture
+async def passthrough_gateway(tmp_path: Path, tls_files: tuple[Path, Path, Path]) -> Any:
+    """A gateway whose SMTP login is the webhook's bearer token (no accounts file)."""
+    api = FakeEmailAPI()
+    await api.start(reactor)
+    config_path = write_passthrough_config(tmp_path, tls_files, api.url)
+    async for gateway in running_gateway(config_path, api, tls_files[2]):
+        yield gateway
+
+
+def write_passthrough_config(tmp: Path, tls_files: tuple[Path, Path, Path], api_url: str) -> Path:
+    """:func:`write_config` with the passthrough store: the login's password is the webhook token."""
+    config_path = write_config(tmp, tls_files, api_url)
+    text = config_path.read_text()
+    text = text.replace('store = "file"\npath = "accounts.toml"', 'store = "passthrough"\nprovider = "api"\npassword_settings = ["token"]')
+    text = text.replace('token = "env:MAILGATE_TEST_API_TOKEN"\n', "")
+    config_path.write_text(text)
+    return config_path
 
 
 async def running_gateway(config_path: Path, api: FakeEmailAPI, ca_path: Path) -> Any:

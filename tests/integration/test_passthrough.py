@@ -7,29 +7,11 @@ mailgate needs no accounts file.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import pytest_twisted
-from twisted.internet import reactor
 
-from mailgate.testing import FakeEmailAPI, ScriptedResponse
+from mailgate.testing import ScriptedResponse
 
-from .conftest import Gateway, running_gateway, send_with_smtplib, write_config
-
-
-
-@pytest_twisted.async_yield_fixture
-async def passthrough_gateway(tmp_path: Path, tls_files: tuple[Path, Path, Path]) -> Any:
-    api = FakeEmailAPI()
-    await api.start(reactor)
-    config_path = write_config(tmp_path, tls_files, api.url)
-    text = config_path.read_text()
-    text = text.replace('store = "file"\npath = "accounts.toml"', 'store = "passthrough"\nprovider = "api"\npassword_settings = ["token"]')
-    text = text.replace('token = "env:MAILGATE_TEST_API_TOKEN"\n', "")
-    config_path.write_text(text)
-    async for gateway in running_gateway(config_path, api, tls_files[2]):
-        yield gateway
+from .conftest import Gateway, send_with_smtplib
 
 
 @pytest_twisted.ensureDeferred

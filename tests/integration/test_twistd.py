@@ -99,7 +99,8 @@ def test_development_default_from_empty_directory(dev_gateway: tuple[subprocess.
     # twistd stops cleanly, then re-raises SIGTERM so its exit status says why it stopped.
     assert process.returncode == -signal.SIGTERM
     assert "Server Shut Down." in output
-    assert "development mode: account 'dev'" in output
+    assert "development mode: account 'dev', password in " in output
+    assert password not in output
     assert "Traceback" not in output
 
 
