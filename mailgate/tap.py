@@ -61,12 +61,15 @@ def makeService(options: Options) -> IService:
         if options["config"]:
             config = load_config(Path(options["config"]))
         else:
-            config, username, _ = development_setup(Path(options["state-dir"]))
-            # The password stays out of the log (logs are shipped and kept); its file is 0600.
+            config, username, password = development_setup(Path(options["state-dir"]))
+            # Issue 2 asks for the development login in the log, so a newcomer can send
+            # at once.  It is a throwaway credential for listeners on 127.0.0.1 only;
+            # a configured server never logs a secret (tests/integration/test_log_secrets.py).
             log.info(
-                "development mode: account {username!r}, password in {state}/dev-password; "
-                "captured API requests go to {state}/captured",
+                "development mode: log in as {username!r} with password {password!r} "
+                "(also in {state}/dev-password); captured API requests go to {state}/captured",
                 username=username,
+                password=password,
                 state=str(config.server.state_dir),
             )
         client, pool = make_http_client(reactor)
