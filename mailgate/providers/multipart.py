@@ -7,8 +7,10 @@ which is what servers are tested against:
 * every part has ``Content-Disposition: form-data; name="..."``; a file part
   adds ``filename="..."`` and its ``Content-Type`` (RFC 7578 §4.2, §4.4);
 * in ``name`` and ``filename``, ``"`` CR and LF are percent-encoded
-  (``%22 %0D %0A``) and other characters are sent as UTF-8, never as
-  RFC 2231 ``filename*`` (RFC 7578 §4.2 forbids it);
+  (``%22 %0D %0A``), a backslash is written ``\\\\`` (the quoted-pair of
+  RFC 2045's quoted-string, which parsers such as Go's and Python's undo),
+  and other characters are sent as UTF-8, never as RFC 2231 ``filename*``
+  (RFC 7578 §4.2 forbids it);
 * text values are UTF-8 without a per-part ``Content-Type`` (RFC 7578 §4.4:
   the default is ``text/plain``), as browsers and curl send them;
 * the boundary is random and checked against every part's content, so a part
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 __all__ = ["FormFile", "encode_form"]
 
 _ESCAPES = str.maketrans({'"': "%22", "\r": "%0D", "\n": "%0A"})
+_QUOTED = str.maketrans({'"': "%22", "\r": "%0D", "\n": "%0A", "\\": "\\\\"})
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ def random_boundary() -> str:
 
 
 def _quoted(value: str) -> str:
-    return '"' + value.translate(_ESCAPES) + '"'
+    return '"' + value.translate(_QUOTED) + '"'
 
 
 def encode_form(

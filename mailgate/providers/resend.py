@@ -115,7 +115,7 @@ def mailbox(address: EmailAddress) -> str:
     name = address.name.strip()
     if not name:
         return address.address
-    if not _PLAIN_NAME.fullmatch(name):
+    if not _PLAIN_NAME.fullmatch(name) or "=?" in name:
         name = _UTF8_QP.header_encode(name)
     return f"{name} <{address.address}>"
 
