@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 from collections import deque
+from dataclasses import dataclass, field
 from email import policy as email_policy
 from email.parser import BytesParser
-from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer

@@ -22,7 +22,17 @@ from mailgate.providers.mailgun import MailgunProvider
 from mailgate.providers.multipart import FormFile
 from mailgate.testing import decode_form
 
-from .provider_messages import HTML, MINIMAL, PDF, PNG, RECIPIENTS, SENDER, SUBJECT, TEXT, rich_message
+from .provider_messages import (
+    HTML,
+    MINIMAL,
+    PDF,
+    PNG,
+    RECIPIENTS,
+    SENDER,
+    SUBJECT,
+    TEXT,
+    rich_message,
+)
 
 ACCOUNT = Account(name="alice")
 KEY = "test-mailgun-key"  # a throwaway fixture, not a secret

@@ -19,7 +19,17 @@ from mailgate.providers import registry
 from mailgate.providers.base import HTTPResponse
 from mailgate.providers.resend import ResendProvider, mailbox, sender
 
-from .provider_messages import HTML, MINIMAL, PDF, PNG, RECIPIENTS, SENDER, SUBJECT, TEXT, rich_message
+from .provider_messages import (
+    HTML,
+    MINIMAL,
+    PDF,
+    PNG,
+    RECIPIENTS,
+    SENDER,
+    SUBJECT,
+    TEXT,
+    rich_message,
+)
 
 ACCOUNT = Account(name="alice")
 KEY = "re_test_key"  # a throwaway fixture, not a secret

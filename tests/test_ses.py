@@ -267,7 +267,7 @@ def aws(status: int, code: str, message: str) -> HTTPResponse:
         (aws(400, "MessageRejected", "Email address is not verified. The following identities failed the check in region EU-WEST-1: a@example.com"),
          Failed("ses", "Amazon SES rejected the message (MessageRejected): Email address is not verified. The following identities failed the check in region EU-WEST-1: a@example.com", 554, "5.6.0")),
         (aws(400, "MailFromDomainNotVerifiedException", "MAIL FROM domain not verified."),
-         Failed("ses", "the MAIL FROM domain is not verified in Amazon SES (MailFromDomainNotVerifiedException): MAIL FROM domain not verified.", 554, "5.7.1")),
+         Failed("ses", "MAIL FROM domain not verified in SES (MailFromDomainNotVerifiedException): MAIL FROM domain not verified.", 554, "5.7.1")),
         (aws(400, "BadRequestException", "Missing required header 'From'."),
          Failed("ses", "Amazon SES refused the request (BadRequestException): Missing required header 'From'.", 554, "5.6.0")),
         (aws(403, "UnrecognizedClientException", "The security token included in the request is invalid."),

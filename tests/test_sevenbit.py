@@ -30,13 +30,13 @@ EIGHT_BIT = (
     "Content-Type: text/plain; charset=iso-8859-1\r\n"
     "Content-Transfer-Encoding: 8bit\r\n"
     "\r\n"
-).encode("utf-8") + "caf\xe9\r\n".encode("latin-1") + (
+).encode() + "caf\xe9\r\n".encode("latin-1") + (
     "--BOUND\r\n"
     'Content-Type: application/octet-stream; name="données.bin"\r\n'
     'Content-Disposition: attachment; filename="données.bin"\r\n'
     "Content-Transfer-Encoding: 8bit\r\n"
     "\r\n"
-).encode("utf-8") + b"\x00\x01\xff\xfe\r\n" + (
+).encode() + b"\x00\x01\xff\xfe\r\n" + (
     "--BOUND\r\n"
     "Content-Type: message/rfc822\r\n"
     "Content-Transfer-Encoding: 8bit\r\n"
@@ -46,7 +46,7 @@ EIGHT_BIT = (
     "\r\n"
     "Inhalt äöü\r\n"
     "--BOUND--\r\n"
-).encode("utf-8")
+).encode()
 
 
 def parsed(raw: bytes):  # type: ignore[no-untyped-def]

@@ -79,7 +79,9 @@ MAX_TAG_LENGTH = 128
 SETTINGS = ("url", "api_key", "domain", "region")
 CREDENTIAL_SETTINGS = ("api_key",)
 ACCOUNT_SETTINGS = ("api_key", "domain")
-_DOMAIN = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+")
+_DOMAIN = re.compile(
+    r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+"
+)
 
 Field = tuple[str, str | FormFile]
 
@@ -101,7 +103,9 @@ def _addresses(field: str, addresses: Sequence[EmailAddress]) -> list[Field]:
 def form_fields(email: OutboundEmail, recipients: Recipients) -> list[Field]:
     """The form fields of one copy of ``email``, in a stable order."""
     controls = email.controls
-    fields: list[Field] = [("from", (email.from_ or EmailAddress(email.envelope_sender)).formatted())]
+    fields: list[Field] = [
+        ("from", (email.from_ or EmailAddress(email.envelope_sender)).formatted())
+    ]
     fields += _addresses("to", recipients.to)
     fields += _addresses("cc", recipients.cc)
     fields += _addresses("bcc", recipients.bcc)
@@ -123,9 +127,10 @@ def form_fields(email: OutboundEmail, recipients: Recipients) -> list[Field]:
     fields += [(f"v:{key}", value) for key, value in controls.metadata]
     for index, part in enumerate(email.attachments):
         if part.inline and part.content_id:
-            fields.append(("inline", FormFile(part.content_id, part.content_type, part.content)))
+            field, filename = "inline", part.content_id
         else:
-            fields.append(("attachment", FormFile(attachment_name(part, index), part.content_type, part.content)))
+            field, filename = "attachment", attachment_name(part, index)
+        fields.append((field, FormFile(filename, part.content_type, part.content)))
     return fields
 
 
@@ -135,21 +140,30 @@ class MailgunProvider:
 
     type = "mailgun"
 
-    def __init__(self, name: str, settings: Mapping[str, Any], boundary: Callable[[], str] = random_boundary):
+    def __init__(
+        self, name: str, settings: Mapping[str, Any], boundary: Callable[[], str] = random_boundary
+    ):
         self.name = name
         self.settings = settings
         self.boundary = boundary
 
     def check(self, email: OutboundEmail, account: Account) -> Failed | None:
         if email.from_ is None and not email.envelope_sender:
-            return Failed(self.name, "Mailgun needs a From header or an envelope sender", 554, "5.6.0")
+            return Failed(
+                self.name, "Mailgun needs a From header or an envelope sender", 554, "5.6.0"
+            )
         recipients = len({address.lower() for address in email.envelope_recipients})
-        return check_limits(self.name, "Mailgun", recipients, encoded_size(email), MAX_RECIPIENTS, MAX_SIZE)
+        return check_limits(
+            self.name, "Mailgun", recipients, encoded_size(email), MAX_RECIPIENTS, MAX_SIZE
+        )
 
-    def build_requests(self, email: OutboundEmail, account: Account, message_id: str) -> list[HTTPRequest]:
+    def build_requests(
+        self, email: OutboundEmail, account: Account, message_id: str
+    ) -> list[HTTPRequest]:
         api_key = setting(self.name, self.settings, account, "api_key") or ""
         domain = setting(self.name, self.settings, account, "domain")
-        url = f"{str(setting(self.name, self.settings, account, 'url')).rstrip('/')}/v3/{quote(domain, safe='')}/messages"
+        base = str(setting(self.name, self.settings, account, "url")).rstrip("/")
+        url = f"{base}/v3/{quote(domain, safe='')}/messages"
         basic = base64.b64encode(f"api:{api_key}".encode()).decode("ascii")
         requests = []
         for recipients in split_recipients(email):
@@ -177,11 +191,14 @@ def classify_response(provider: str, response: HTTPResponse, queue_id: str) -> O
             message_id = message_id.strip().removeprefix("<").removesuffix(">")
         return Delivered(provider, safe_message_id(message_id, queue_id))
     if status == 403:
-        return Failed(provider, f"Mailgun refused to send (HTTP 403): {error_text(response)}", 554, "5.7.1")
+        return Failed(
+            provider, f"Mailgun refused to send (HTTP 403): {error_text(response)}", 554, "5.7.1"
+        )
     if status == 404:
         return Retry(
             provider,
-            f"Mailgun does not know the domain (HTTP 404): {error_text(response)}; check its domain and region",
+            f"Mailgun does not know the domain (HTTP 404): {error_text(response)}; "
+            "check its domain and region",
             "4.3.5",
         )
     return classify_http(provider, response, queue_id)
@@ -190,7 +207,10 @@ def classify_response(provider: str, response: HTTPResponse, queue_id: str) -> O
 def _validate(name: str, settings: dict[str, Any]) -> None:
     domain = settings.get("domain")
     if not isinstance(domain, str) or not _DOMAIN.fullmatch(domain):
-        raise ConfigError(f"providers.{name}.domain", "required: the Mailgun sending domain, such as mg.example.com")
+        raise ConfigError(
+            f"providers.{name}.domain",
+            "required: the Mailgun sending domain, such as mg.example.com",
+        )
     region = settings.setdefault("region", "us")
     if not isinstance(region, str) or region.lower() not in REGION_URLS:
         raise ConfigError(f"providers.{name}.region", f"must be one of {', '.join(REGION_URLS)}")

@@ -61,7 +61,8 @@ def encode_form(
         disposition = f"Content-Disposition: form-data; name={_quoted(name)}"
         if isinstance(value, FormFile):
             content_type = value.content_type.translate(_ESCAPES)
-            head = f"{disposition}; filename={_quoted(value.filename)}\r\nContent-Type: {content_type}\r\n"
+            filename = _quoted(value.filename)
+            head = f"{disposition}; filename={filename}\r\nContent-Type: {content_type}\r\n"
             parts.append((head.encode("utf-8"), value.content))
         else:
             parts.append((f"{disposition}\r\n".encode(), value.encode("utf-8")))

@@ -111,7 +111,7 @@ _UTF8_QP.header_encoding = QP
 
 
 def mailbox(address: EmailAddress) -> str:
-    """``to``/``cc``/``reply_to`` form: ``Name <addr>``, the name as an RFC 2047 word if it needs quoting."""
+    """``to``, ``cc``, ``reply_to`` form: ``Name <addr>``, quoting avoided with RFC 2047."""
     name = address.name.strip()
     if not name:
         return address.address
@@ -179,22 +179,39 @@ class ResendProvider:
 
     def check(self, email: OutboundEmail, account: Account) -> Failed | None:
         if email.from_ is None and not email.envelope_sender:
-            return Failed(self.name, "Resend needs a From header or an envelope sender", 554, "5.6.0")
+            return Failed(
+                self.name, "Resend needs a From header or an envelope sender", 554, "5.6.0"
+            )
         for part in email.inline_parts:
             if part.content_id and len(part.content_id) >= MAX_CONTENT_ID:
-                return Failed(self.name, f"Resend takes Content-IDs shorter than {MAX_CONTENT_ID} characters", 554, "5.6.0")
+                return Failed(
+                    self.name,
+                    f"Resend takes Content-IDs shorter than {MAX_CONTENT_ID} characters",
+                    554,
+                    "5.6.0",
+                )
         most_to = max(len(copy.to) for copy in split_recipients(email))
         return check_limits(self.name, "Resend", most_to, encoded_size(email), MAX_TO, MAX_SIZE)
 
-    def build_requests(self, email: OutboundEmail, account: Account, message_id: str) -> list[HTTPRequest]:
+    def build_requests(
+        self, email: OutboundEmail, account: Account, message_id: str
+    ) -> list[HTTPRequest]:
         api_key = setting(self.name, self.settings, account, "api_key") or ""
         url = str(setting(self.name, self.settings, account, "url")).rstrip("/") + "/emails"
         copies = split_recipients(email)
         requests = []
         for index, recipients in enumerate(copies):
             key = message_id if len(copies) == 1 else f"{message_id}-{index + 1}"
-            headers = [("User-Agent", USER_AGENT), ("Authorization", f"Bearer {api_key}"), ("Idempotency-Key", key)]
-            requests.append(json_request(self.name, "POST", url, email_payload(email, recipients), headers, message_id))
+            headers = [
+                ("User-Agent", USER_AGENT),
+                ("Authorization", f"Bearer {api_key}"),
+                ("Idempotency-Key", key),
+            ]
+            requests.append(
+                json_request(
+                    self.name, "POST", url, email_payload(email, recipients), headers, message_id
+                )
+            )
         return requests
 
     def classify(self, request: HTTPRequest, response: HTTPResponse) -> Outcome:
@@ -214,7 +231,9 @@ def classify_response(provider: str, response: HTTPResponse, queue_id: str) -> O
         return classify_http(provider, response, queue_id)
     transient, enhanced = known
     if name == "validation_error" and response.status == 403:
-        enhanced = "5.7.1"  # "domain is not verified", "only send testing emails to your own address"
+        enhanced = (
+            "5.7.1"  # "domain is not verified", "only send testing emails to your own address"
+        )
     detail = f"Resend {name} (HTTP {response.status}): {error_text(response)}"
     if transient:
         return Retry(provider, detail, enhanced, parse_retry_after(response.header("Retry-After")))

@@ -71,46 +71,59 @@ PATH = "/v2/email/outbound-emails"
 SIGNING_SERVICE = "ses"
 MAX_RECIPIENTS = 50
 MAX_SIZE = 40 * 1000 * 1000
-SETTINGS = ("url", "region", "access_key_id", "secret_access_key", "session_token", "configuration_set")
+SETTINGS = (
+    "url",
+    "region",
+    "access_key_id",
+    "secret_access_key",
+    "session_token",
+    "configuration_set",
+)
 CREDENTIAL_SETTINGS = ("access_key_id", "secret_access_key", "session_token")
 ACCOUNT_SETTINGS = (*CREDENTIAL_SETTINGS, "configuration_set")
 # us-east-1, eu-central-1, us-gov-west-1, ap-southeast-4, cn-north-1 ...
 _REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-\d{1,2}")
 
 _RETRY, _FAIL = True, False
-# SES error code -> (transient, SMTP code, enhanced code, what it means).
-ERRORS: dict[str, tuple[bool, int, str, str]] = {
-    "TooManyRequestsException": (_RETRY, 451, "4.7.0", "rate limited by Amazon SES"),
-    "ThrottlingException": (_RETRY, 451, "4.7.0", "rate limited by Amazon SES"),
-    "Throttling": (_RETRY, 451, "4.7.0", "rate limited by Amazon SES"),
-    "LimitExceededException": (_RETRY, 451, "4.7.0", "Amazon SES sending quota reached"),
-    "SendingPausedException": (_RETRY, 451, "4.3.0", "sending is paused for this Amazon SES account"),
-    "AccountSendingPausedException": (_RETRY, 451, "4.3.0", "sending is paused for this Amazon SES account"),
-    "AccountSuspendedException": (_RETRY, 451, "4.3.0", "this Amazon SES account may not send"),
-    "NotFoundException": (_RETRY, 451, "4.3.5", "Amazon SES does not know a resource the request names"),
-    "RequestExpired": (_RETRY, 451, "4.3.0", "request time refused by Amazon SES; check the host clock"),
-    "MessageRejected": (_FAIL, 554, "5.6.0", "Amazon SES rejected the message"),
-    "MailFromDomainNotVerifiedException": (_FAIL, 554, "5.7.1", "the MAIL FROM domain is not verified in Amazon SES"),
-    "BadRequestException": (_FAIL, 554, "5.6.0", "Amazon SES refused the request"),
-    "ValidationError": (_FAIL, 554, "5.6.0", "Amazon SES refused the request"),
-    "SerializationException": (_FAIL, 554, "5.6.0", "Amazon SES refused the request"),
+_THROTTLED = (_RETRY, "4.7.0", "rate limited by Amazon SES")
+_PAUSED = (_RETRY, "4.3.0", "sending is paused for this Amazon SES account")
+_REFUSED = (_FAIL, "5.6.0", "Amazon SES refused the request")
+_CREDENTIALS = (_FAIL, "5.7.0", "Amazon SES refused the credentials")
+# SES error code -> (transient, enhanced code, what it means); the SMTP code is
+# 451 when transient, else 554.
+ERRORS: dict[str, tuple[bool, str, str]] = {
+    "TooManyRequestsException": _THROTTLED,
+    "ThrottlingException": _THROTTLED,
+    "Throttling": _THROTTLED,
+    "LimitExceededException": (_RETRY, "4.7.0", "Amazon SES sending quota reached"),
+    "SendingPausedException": _PAUSED,
+    "AccountSendingPausedException": _PAUSED,
+    "AccountSuspendedException": (_RETRY, "4.3.0", "this Amazon SES account may not send"),
+    "NotFoundException": (_RETRY, "4.3.5", "Amazon SES does not know a resource the request names"),
+    "RequestExpired": (_RETRY, "4.3.0", "request time refused by Amazon SES; check the host clock"),
+    "MessageRejected": (_FAIL, "5.6.0", "Amazon SES rejected the message"),
+    "MailFromDomainNotVerifiedException": (_FAIL, "5.7.1", "MAIL FROM domain not verified in SES"),
+    "BadRequestException": _REFUSED,
+    "ValidationError": _REFUSED,
+    "SerializationException": _REFUSED,
+    **dict.fromkeys(
+        (
+            "AccessDeniedException",
+            "UnrecognizedClientException",
+            "InvalidClientTokenId",
+            "InvalidSignatureException",
+            "SignatureDoesNotMatch",
+            "IncompleteSignature",
+            "MissingAuthenticationToken",
+            "MissingAuthenticationTokenException",
+            "ExpiredToken",
+            "ExpiredTokenException",
+            "NotAuthorized",
+            "OptInRequired",
+        ),
+        _CREDENTIALS,
+    ),
 }
-_CREDENTIALS = (_FAIL, 554, "5.7.0", "Amazon SES refused the credentials")
-for _code in (
-    "AccessDeniedException",
-    "UnrecognizedClientException",
-    "InvalidClientTokenId",
-    "InvalidSignatureException",
-    "SignatureDoesNotMatch",
-    "IncompleteSignature",
-    "MissingAuthenticationToken",
-    "MissingAuthenticationTokenException",
-    "ExpiredToken",
-    "ExpiredTokenException",
-    "NotAuthorized",
-    "OptInRequired",
-):
-    ERRORS[_code] = _CREDENTIALS
 
 
 def aws_error(response: HTTPResponse) -> tuple[str, str]:
@@ -144,11 +157,11 @@ def classify_response(provider: str, response: HTTPResponse, queue_id: str) -> O
     known = ERRORS.get(code)
     if known is None or response.status >= 500:
         return classify_http(provider, response, queue_id)
-    transient, smtp_code, enhanced, meaning = known
+    transient, enhanced, meaning = known
     detail = f"{meaning} ({code}): {message}" if message else f"{meaning} ({code})"
     if transient:
         return Retry(provider, detail, enhanced, parse_retry_after(response.header("Retry-After")))
-    return Failed(provider, detail, smtp_code, enhanced)
+    return Failed(provider, detail, 554, enhanced)
 
 
 def destinations(email: OutboundEmail) -> list[dict[str, list[str]]]:
@@ -182,7 +195,9 @@ class SESProvider:
 
     type = "ses"
 
-    def __init__(self, name: str, settings: Mapping[str, Any], clock: Callable[[], float] = time.time):
+    def __init__(
+        self, name: str, settings: Mapping[str, Any], clock: Callable[[], float] = time.time
+    ):
         self.name = name
         self.settings = settings
         self.clock = clock
@@ -197,10 +212,16 @@ class SESProvider:
 
     def check(self, email: OutboundEmail, account: Account) -> Failed | None:
         if email.from_ is None and not email.envelope_sender:
-            return Failed(self.name, "Amazon SES needs a From header or an envelope sender", 554, "5.6.0")
-        return check_limits(self.name, "Amazon SES", 0, len(self.raw_message(email)), None, MAX_SIZE)
+            return Failed(
+                self.name, "Amazon SES needs a From header or an envelope sender", 554, "5.6.0"
+            )
+        return check_limits(
+            self.name, "Amazon SES", 0, len(self.raw_message(email)), None, MAX_SIZE
+        )
 
-    def payload(self, email: OutboundEmail, account: Account, destination: dict[str, list[str]]) -> dict[str, Any]:
+    def payload(
+        self, email: OutboundEmail, account: Account, destination: dict[str, list[str]]
+    ) -> dict[str, Any]:
         raw = base64.b64encode(self.raw_message(email)).decode("ascii")
         document: dict[str, Any] = {"Content": {"Raw": {"Data": raw}}, "Destination": destination}
         if email.from_ is None:
@@ -215,12 +236,16 @@ class SESProvider:
             document["EmailTags"] = [{"Name": name, "Value": value} for name, value in tags]
         return document
 
-    def build_requests(self, email: OutboundEmail, account: Account, message_id: str) -> list[HTTPRequest]:
+    def build_requests(
+        self, email: OutboundEmail, account: Account, message_id: str
+    ) -> list[HTTPRequest]:
         url = str(setting(self.name, self.settings, account, "url")).rstrip("/") + PATH
-        return [
-            self.sign(json_request(self.name, "POST", url, self.payload(email, account, destination), [], message_id), account)
-            for destination in destinations(email)
-        ]
+        requests = []
+        for destination in destinations(email):
+            document = self.payload(email, account, destination)
+            request = json_request(self.name, "POST", url, document, [], message_id)
+            requests.append(self.sign(request, account))
+        return requests
 
     def sign(self, request: HTTPRequest, account: Account) -> HTTPRequest:
         """``request`` with the SigV4 ``Authorization``, ``X-Amz-Date`` (and token) headers.
@@ -233,10 +258,16 @@ class SESProvider:
         def value(key: str) -> str:
             return str(setting(self.name, self.settings, account, key) or "")
 
-        credentials = Credentials(value("access_key_id"), value("secret_access_key"), value("session_token") or None)
+        credentials = Credentials(
+            value("access_key_id"), value("secret_access_key"), value("session_token") or None
+        )
         headers = {**dict(request.headers), "Host": _host(request.url)}
-        aws_request = AWSRequest(method=request.method, url=request.url, data=request.body, headers=headers)
-        signer = _signer_class()(credentials, SIGNING_SERVICE, value("region"), _timestamp(self.clock()))
+        aws_request = AWSRequest(
+            method=request.method, url=request.url, data=request.body, headers=headers
+        )
+        signer = _signer_class()(
+            credentials, SIGNING_SERVICE, value("region"), _timestamp(self.clock())
+        )
         signer.add_auth(aws_request)
         signed = tuple(aws_request.headers.items())
         return HTTPRequest(
@@ -288,7 +319,8 @@ def _validate(name: str, settings: dict[str, Any]) -> None:
     except ImportError:
         raise ConfigError(
             f"providers.{name}.type",
-            "the ses provider signs requests with botocore: install it with pip install 'mailgate[ses]'",
+            "the ses provider signs requests with botocore: "
+            "install it with pip install 'mailgate[ses]'",
         ) from None
     region = settings.get("region")
     if not isinstance(region, str) or not _REGION.fullmatch(region):

@@ -36,7 +36,10 @@ def sanitise(text: str) -> str:
 
 def tag_pairs(controls: Controls) -> list[tuple[str, str]]:
     """The message's tags and metadata as valid ``(name, value)`` pairs, in order."""
-    candidates = [("tag" if index == 0 else f"tag_{index + 1}", tag) for index, tag in enumerate(controls.tags)]
+    candidates = [
+        ("tag" if index == 0 else f"tag_{index + 1}", tag)
+        for index, tag in enumerate(controls.tags)
+    ]
     candidates += list(controls.metadata)
     pairs: list[tuple[str, str]] = []
     taken: set[str] = set()

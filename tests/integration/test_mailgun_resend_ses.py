@@ -118,8 +118,10 @@ async def test_mailgun_unknown_domain_keeps_the_message(mailgun: Gateway) -> Non
     result = await send(mailgun, rich_message(), role="submissions")
     assert (result.code, result.text) == (
         451,
-        "4.3.5 Temporary failure at api: Mailgun does not know the domain (HTTP 404): "
-        "Domain not found: mg.example.com; check its domain and region",
+        (
+            "4.3.5 Temporary failure at api: Mailgun does not know the domain (HTTP 404): "
+            "Domain not found: mg.example.com; check its domain and region"
+        ),
     )
 
 
