@@ -36,6 +36,25 @@ from .provider_messages import (
 
 ACCOUNT = Account(name="alice")
 KEY = "test-mailgun-key"  # a throwaway fixture, not a secret
+# The form fields of the rich message (tests/provider_messages.py), in order.
+RICH_FIELDS = [
+    ("from", '"Ålice Exämple" <alice@example.com>'),
+    ("to", '"Bob" <bob@example.org>'),
+    ("cc", "carol@example.net"),
+    ("bcc", "dave.hidden@example.com"),
+    ("subject", SUBJECT),
+    ("text", TEXT),
+    ("html", HTML),
+    ("h:Reply-To", '"Support Team" <support@example.com>'),
+    ("h:X-Campaign", "q4"),
+    ("o:tag", "reports"),
+    ("o:tracking-opens", "yes"),
+    ("o:tracking-clicks", "yes"),
+    ("v:Customer", "42"),
+    # Mailgun takes an inline file's name as its Content-ID: cid:logo@example.com.
+    ("inline", FormFile("logo@example.com", "image/png", PNG)),
+    ("attachment", FormFile("report.pdf", "application/pdf", PDF)),
+]
 
 
 def provider(**settings: Any) -> MailgunProvider:
@@ -81,24 +100,7 @@ def test_minimal_message_golden_request() -> None:
 def test_rich_message_golden_fields() -> None:
     """Every mapped field of the rich message, in order, read back by an independent parser."""
     [request] = build(rich_message())
-    assert fields(request) == [
-        ("from", '"Ålice Exämple" <alice@example.com>'),
-        ("to", '"Bob" <bob@example.org>'),
-        ("cc", "carol@example.net"),
-        ("bcc", "dave.hidden@example.com"),
-        ("subject", SUBJECT),
-        ("text", TEXT),
-        ("html", HTML),
-        ("h:Reply-To", '"Support Team" <support@example.com>'),
-        ("h:X-Campaign", "q4"),
-        ("o:tag", "reports"),
-        ("o:tracking-opens", "yes"),
-        ("o:tracking-clicks", "yes"),
-        ("v:Customer", "42"),
-        # Mailgun takes an inline file's name as its Content-ID: cid:logo@example.com.
-        ("inline", FormFile("logo@example.com", "image/png", PNG)),
-        ("attachment", FormFile("report.pdf", "application/pdf", PDF)),
-    ]
+    assert fields(request) == RICH_FIELDS
 
 
 def test_envelope_only_recipient_is_blind_and_bcc_header_never_sent() -> None:

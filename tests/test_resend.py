@@ -33,6 +33,23 @@ from .provider_messages import (
 
 ACCOUNT = Account(name="alice")
 KEY = "re_test_key"  # a throwaway fixture, not a secret
+# The JSON document of the rich message (tests/provider_messages.py).
+RICH_BODY = {
+    "from": "Ålice Exämple <alice@example.com>",
+    "to": ["Bob <bob@example.org>"],
+    "cc": ["carol@example.net"],
+    "bcc": ["dave.hidden@example.com"],
+    "reply_to": ["Support Team <support@example.com>"],
+    "subject": SUBJECT,
+    "html": HTML,
+    "text": TEXT,
+    "headers": {"X-Campaign": "q4"},
+    "attachments": [
+        {"filename": "logo.png", "content": base64.b64encode(PNG).decode(), "content_type": "image/png", "content_id": "logo@example.com"},
+        {"filename": "report.pdf", "content": base64.b64encode(PDF).decode(), "content_type": "application/pdf"},
+    ],
+    "tags": [{"name": "tag", "value": "reports"}, {"name": "Customer", "value": "42"}],
+}
 
 
 def provider(**settings: Any) -> ResendProvider:
@@ -67,22 +84,7 @@ def test_minimal_message_golden_request() -> None:
 def test_rich_message_golden_body() -> None:
     """Every mapped field of the rich message, exactly."""
     [request] = build(rich_message())
-    assert json.loads(request.body) == {
-        "from": "Ålice Exämple <alice@example.com>",
-        "to": ["Bob <bob@example.org>"],
-        "cc": ["carol@example.net"],
-        "bcc": ["dave.hidden@example.com"],
-        "reply_to": ["Support Team <support@example.com>"],
-        "subject": SUBJECT,
-        "html": HTML,
-        "text": TEXT,
-        "headers": {"X-Campaign": "q4"},
-        "attachments": [
-            {"filename": "logo.png", "content": base64.b64encode(PNG).decode(), "content_type": "image/png", "content_id": "logo@example.com"},
-            {"filename": "report.pdf", "content": base64.b64encode(PDF).decode(), "content_type": "application/pdf"},
-        ],
-        "tags": [{"name": "tag", "value": "reports"}, {"name": "Customer", "value": "42"}],
-    }
+    assert json.loads(request.body) == RICH_BODY
     assert request.body.count(b"dave.hidden@example.com") == 1
     assert b"X-Mailgate" not in request.body and b"Bcc" not in request.body
 

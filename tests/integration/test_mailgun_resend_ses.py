@@ -21,11 +21,12 @@ from typing import Any
 import pytest_twisted
 from twisted.internet import threads
 
-from mailgate.providers.multipart import FormFile
 from mailgate.testing import RecordedRequest, ScriptedResponse
 
-from ..provider_messages import HTML, PDF, PNG, RECIPIENTS, SENDER, SUBJECT, TEXT, rich_message
+from ..provider_messages import PDF, RECIPIENTS, SENDER, SUBJECT, rich_message
 from ..sigv4_check import expected_signature, parse_authorization
+from ..test_mailgun import RICH_FIELDS
+from ..test_resend import RICH_BODY
 from .conftest import Gateway, gateway_with_accounts, send_with_smtplib, swaks_send
 
 # Throwaway test credentials, not secrets.
@@ -91,23 +92,7 @@ async def test_mailgun_delivers_rich_message(mailgun: Gateway) -> None:
     request = only_request(mailgun)
     assert (request.method, request.path) == ("POST", "/v3/mg.example.com/messages")
     assert request.headers["authorization"] == "Basic " + base64.b64encode(f"api:{MAILGUN_KEY}".encode()).decode()
-    assert request.form() == [
-        ("from", '"Ålice Exämple" <alice@example.com>'),
-        ("to", '"Bob" <bob@example.org>'),
-        ("cc", "carol@example.net"),
-        ("bcc", "dave.hidden@example.com"),
-        ("subject", SUBJECT),
-        ("text", TEXT),
-        ("html", HTML),
-        ("h:Reply-To", '"Support Team" <support@example.com>'),
-        ("h:X-Campaign", "q4"),
-        ("o:tag", "reports"),
-        ("o:tracking-opens", "yes"),
-        ("o:tracking-clicks", "yes"),
-        ("v:Customer", "42"),
-        ("inline", FormFile("logo@example.com", "image/png", PNG)),
-        ("attachment", FormFile("report.pdf", "application/pdf", PDF)),
-    ]
+    assert request.form() == RICH_FIELDS
     assert request.body.count(b"dave.hidden@example.com") == 1
 
 
@@ -138,22 +123,7 @@ async def test_resend_delivers_rich_message(resend: Gateway) -> None:
     assert (request.method, request.path) == ("POST", "/emails")
     assert request.headers["authorization"] == f"Bearer {RESEND_KEY}"
     assert request.headers["idempotency-key"]
-    assert request.json() == {
-        "from": "Ålice Exämple <alice@example.com>",
-        "to": ["Bob <bob@example.org>"],
-        "cc": ["carol@example.net"],
-        "bcc": ["dave.hidden@example.com"],
-        "reply_to": ["Support Team <support@example.com>"],
-        "subject": SUBJECT,
-        "html": HTML,
-        "text": TEXT,
-        "headers": {"X-Campaign": "q4"},
-        "attachments": [
-            {"filename": "logo.png", "content": base64.b64encode(PNG).decode(), "content_type": "image/png", "content_id": "logo@example.com"},
-            {"filename": "report.pdf", "content": base64.b64encode(PDF).decode(), "content_type": "application/pdf"},
-        ],
-        "tags": [{"name": "tag", "value": "reports"}, {"name": "Customer", "value": "42"}],
-    }
+    assert request.json() == RICH_BODY
 
 
 @pytest_twisted.ensureDeferred
