@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from email import policy
+from email.message import EmailMessage
 from email.parser import BytesParser
 
 from hypothesis import given
@@ -120,3 +121,75 @@ def test_any_utf8_text_message_round_trips(subject: str, body: str) -> None:
     message = parsed(out)
     assert message.get_content().replace("\r\n", "\n") == parsed(raw).get_content().replace("\r\n", "\n")
     assert " ".join(str(message["subject"]).split()) == " ".join(subject.split())
+
+
+NESTED = (
+    "From: a@example.com\r\nSubject: nested\r\nMIME-Version: 1.0\r\n"
+    'Content-Type: multipart/mixed; boundary="outer"\r\n\r\n'
+    "This is a preamble.\r\n"
+    "--outer\r\n"
+    'Content-Type: multipart/alternative; boundary="inner"\r\n\r\n'
+    "--inner\r\n"
+    "Content-Type: text/plain; charset=utf-8\r\n"
+    "Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+    "already =C3=A9ncoded and raw é\r\n"
+    "--innerX is not a delimiter\r\n"
+    "--inner  \r\n"
+    "Content-Type: text/html; charset=utf-8\r\n\r\n"
+    "<p>Grüße</p>\r\n"
+    "--inner--\r\n"
+    "--outer\r\n"
+    "Content-Type: application/pdf\r\n"
+    "Content-Transfer-Encoding: base64\r\n\r\n"
+    "JVBERi0xLjQK\r\n"
+    "--outer--\r\n"
+    "epilogue\r\n"
+).encode()
+
+
+def test_nested_multipart_converts_only_what_is_eight_bit() -> None:
+    """Parts are found by their delimiters at every depth; 7-bit parts, preamble and epilogue keep their bytes."""
+    out = to_seven_bit(NESTED)
+    assert out.isascii()
+    assert out.startswith(NESTED[: NESTED.index(b"--inner\r\n")])  # headers, preamble, first delimiters
+    assert out.endswith(b"--inner--\r\n--outer\r\nContent-Type: application/pdf\r\n"
+                        b"Content-Transfer-Encoding: base64\r\n\r\nJVBERi0xLjQK\r\n--outer--\r\nepilogue\r\n")
+    plain, html = parsed(out).get_payload()[0].get_payload()
+    assert plain.get_content() == "already éncoded and raw é\r\n--innerX is not a delimiter"
+    assert (html["content-transfer-encoding"], html.get_content()) == ("quoted-printable", "<p>Grüße</p>")
+
+
+def test_unterminated_multipart_still_converts_its_last_part() -> None:
+    """A multipart without its close delimiter: the last part runs to the end and is converted."""
+    raw = "Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nÄ\r\n".encode()
+    out = to_seven_bit(raw)
+    assert out.isascii() and parsed(out).get_payload()[0].get_content().strip() == "Ä"
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\r"), max_size=300).map(lambda t: ("text", t)),
+            st.binary(max_size=300).map(lambda b: ("binary", b)),
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_any_multipart_round_trips(parts: list[tuple[str, object]]) -> None:
+    """Whatever mix of 8-bit text and binary parts: ASCII out, and every part decodes to what went in."""
+    message = EmailMessage()
+    message["From"] = "a@example.com"
+    message["Subject"] = "Grüße"
+    message.set_content("first part: ü", cte="8bit")
+    for kind, value in parts:
+        if kind == "text":
+            message.add_attachment(str(value), cte="8bit")
+        else:
+            message.add_attachment(value, maintype="application", subtype="octet-stream", cte="8bit" if bytes(value).isascii() else "base64")
+    raw = message.as_bytes(policy=policy.SMTPUTF8)
+    out = to_seven_bit(raw)
+    assert out.isascii()
+    before, after = parsed(raw), parsed(out)
+    assert [p.get_content() for p in after.iter_parts()] == [p.get_content() for p in before.iter_parts()]
+    assert str(after["subject"]) == "Grüße"
