@@ -118,14 +118,25 @@ def test_header_address_outside_the_envelope_gets_no_copy() -> None:
     assert [value for name, value in fields(request) if name in ("to", "cc", "bcc")] == ["bob@example.org"]
 
 
-def test_all_blind_recipients_get_one_copy_each() -> None:
-    """Mailgun needs a ``to``: blind recipients are each sent their own copy, never shown to one another."""
+def test_all_blind_recipients_get_one_copy_each_in_one_request() -> None:
+    """Mailgun needs a ``to``: blind recipients are batch-sent, each a copy of their own, in one request."""
     message = b"From: a@example.com\r\nTo: undisclosed-recipients:;\r\nSubject: s\r\n\r\nx\r\n"
-    requests = build(message, ("x@example.org", "y@example.net"))
-    assert [[(n, v) for n, v in fields(r) if n in ("to", "cc", "bcc")] for r in requests] == [
-        [("to", "x@example.org")],
-        [("to", "y@example.net")],
+    [request] = build(message, ("x@example.org", "y@example.net"))
+    assert [(n, v) for n, v in fields(request) if n in ("to", "cc", "bcc", "recipient-variables")] == [
+        ("to", "x@example.org"),
+        ("to", "y@example.net"),
+        ("recipient-variables", '{"x@example.org":{},"y@example.net":{}}'),
     ]
+
+
+def test_empty_html_part_is_no_html() -> None:
+    """An empty HTML part is not sent (it would show a blank message); the text is."""
+    message = (
+        b"From: a@example.com\r\nTo: bob@example.org\r\nContent-Type: multipart/alternative; boundary=b\r\n\r\n"
+        b"--b\r\nContent-Type: text/plain\r\n\r\nhello\r\n--b\r\nContent-Type: text/html\r\n\r\n\r\n--b--\r\n"
+    )
+    [request] = build(message, ("bob@example.org",))
+    assert [(n, v) for n, v in fields(request) if n in ("text", "html")] == [("text", "hello")]
 
 
 def test_tags_beyond_what_mailgun_keeps_are_left_out() -> None:

@@ -23,7 +23,11 @@ with HTTP Basic ``api:<api key>``; base URL ``https://api.mailgun.net``, or
   ``o:tracking=no`` when both are off.
 * Recipients are the SMTP envelope's (:func:`~mailgate.providers.mapping.split_recipients`).
   Mailgun requires a ``to``, so a message whose recipients are all blind is
-  sent as one copy per recipient, each addressed to that recipient alone.
+  sent by batch sending: every recipient in ``to`` and ``recipient-variables``
+  set, which makes Mailgun send "an individual [copy] to each recipient in
+  the to field" (https://documentation.mailgun.com/docs/mailgun/user-manual/sending-messages/batch-sending),
+  so no blind recipient sees another, in one request that succeeds or fails
+  as a whole.
 
 The answer is ``{"id": "<...>", "message": "Queued. Thank you."}``; the 250
 reply carries the id without its angle brackets.  Errors
@@ -39,6 +43,7 @@ before sending: 1000 recipients, 25 MB.
 from __future__ import annotations
 
 import base64
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -61,6 +66,7 @@ from mailgate.providers.base import (
 from mailgate.providers.mapping import (
     Recipients,
     attachment_name,
+    bodies,
     check_limits,
     encoded_size,
     forwarded_headers,
@@ -100,8 +106,11 @@ def _addresses(field: str, addresses: Sequence[EmailAddress]) -> list[Field]:
     return [(field, address.formatted()) for address in addresses]
 
 
-def form_fields(email: OutboundEmail, recipients: Recipients) -> list[Field]:
-    """The form fields of one copy of ``email``, in a stable order."""
+def form_fields(email: OutboundEmail, recipients: Recipients, batch: bool = False) -> list[Field]:
+    """The form fields of ``email`` for ``recipients``, in a stable order.
+
+    With ``batch``, each ``to`` recipient gets a copy of their own.
+    """
     controls = email.controls
     fields: list[Field] = [
         ("from", (email.from_ or EmailAddress(email.envelope_sender)).formatted())
@@ -109,11 +118,15 @@ def form_fields(email: OutboundEmail, recipients: Recipients) -> list[Field]:
     fields += _addresses("to", recipients.to)
     fields += _addresses("cc", recipients.cc)
     fields += _addresses("bcc", recipients.bcc)
+    if batch:
+        variables = {address.address: {} for address in recipients.to}
+        fields.append(("recipient-variables", json.dumps(variables, separators=(",", ":"))))
     fields.append(("subject", email.subject))
-    if email.text is not None or email.html is None:
-        fields.append(("text", email.text or " "))  # Mailgun needs a body
-    if email.html is not None:
-        fields.append(("html", email.html))
+    text, html = bodies(email)
+    if text is not None:
+        fields.append(("text", text))
+    if html is not None:
+        fields.append(("html", html))
     if email.reply_to:
         fields.append(("h:Reply-To", ", ".join(address.formatted() for address in email.reply_to)))
     fields += [(f"h:{name}", value) for name, value in forwarded_headers(email)]
@@ -165,17 +178,20 @@ class MailgunProvider:
         base = str(setting(self.name, self.settings, account, "url")).rstrip("/")
         url = f"{base}/v3/{quote(domain, safe='')}/messages"
         basic = base64.b64encode(f"api:{api_key}".encode()).decode("ascii")
-        requests = []
-        for recipients in split_recipients(email):
-            body, content_type = encode_form(form_fields(email, recipients), self.boundary)
-            headers = (
-                ("Content-Type", content_type),
-                ("Accept", "application/json"),
-                ("User-Agent", USER_AGENT),
-                ("Authorization", f"Basic {basic}"),
-            )
-            requests.append(HTTPRequest("POST", url, headers, body, self.name, message_id))
-        return requests
+        copies = split_recipients(email)
+        if len(copies) == 1:
+            fields = form_fields(email, copies[0])
+        else:  # all blind: one copy each, by batch sending
+            everyone = Recipients(tuple(copy.to[0] for copy in copies))
+            fields = form_fields(email, everyone, batch=True)
+        body, content_type = encode_form(fields, self.boundary)
+        headers = (
+            ("Content-Type", content_type),
+            ("Accept", "application/json"),
+            ("User-Agent", USER_AGENT),
+            ("Authorization", f"Basic {basic}"),
+        )
+        return [HTTPRequest("POST", url, headers, body, self.name, message_id)]
 
     def classify(self, request: HTTPRequest, response: HTTPResponse) -> Outcome:
         return classify_response(self.name, response, request.queue_id)

@@ -12,7 +12,8 @@ https://resend.com/docs/dashboard/emails/embed-inline-images) and ``tags``
 
 * Recipients are the SMTP envelope's (:func:`~mailgate.providers.mapping.split_recipients`);
   Resend needs a ``to``, so a message whose recipients are all blind is sent
-  as one copy per recipient, each addressed to that recipient alone.
+  as one copy per recipient, each addressed to that recipient alone (one
+  request each: Resend's batch endpoint takes no attachments).
 * ``Idempotency-Key`` is mailgate's queue id (``<id>-<n>`` for the n-th
   copy), so a retried request is not sent twice
   (https://resend.com/docs/dashboard/emails/idempotency-keys).
@@ -58,6 +59,7 @@ from mailgate.providers.base import (
 from mailgate.providers.mapping import (
     Recipients,
     attachment_name,
+    bodies,
     check_limits,
     encoded_size,
     forwarded_headers,
@@ -139,11 +141,12 @@ def email_payload(email: OutboundEmail, recipients: Recipients) -> dict[str, Any
         payload["bcc"] = [mailbox(address) for address in recipients.bcc]
     if email.reply_to:
         payload["reply_to"] = [mailbox(address) for address in email.reply_to]
-    if email.html is not None:
-        payload["html"] = email.html
-    if email.text is not None or email.html is None:
-        # Resend needs a body; without a text one it derives text from the HTML.
-        payload["text"] = email.text or " "
+    # Without a text body Resend derives one from the HTML.
+    text, html = bodies(email)
+    if html is not None:
+        payload["html"] = html
+    if text is not None:
+        payload["text"] = text
     headers: dict[str, str] = {}
     for name, value in forwarded_headers(email):
         headers.setdefault(name, value)
