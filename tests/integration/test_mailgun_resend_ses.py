@@ -21,13 +21,14 @@ from typing import Any
 import pytest_twisted
 from twisted.internet import threads
 
-from mailgate.testing import RecordedRequest, ScriptedResponse
+from mailgate.testing import ScriptedResponse
 
 from ..provider_messages import PDF, RECIPIENTS, SENDER, SUBJECT, rich_message
 from ..sigv4_check import expected_signature, parse_authorization
 from ..test_mailgun import RICH_FIELDS
 from ..test_resend import RICH_BODY
-from .conftest import Gateway, gateway_with_accounts, send_with_smtplib, swaks_send
+from .conftest import Gateway, gateway_with_accounts, swaks_send
+from .test_providers import only_request, send
 
 # Throwaway test credentials, not secrets.
 MAILGUN_KEY = "test-mailgun-key"
@@ -67,17 +68,6 @@ async def resend(tmp_path: Path, tls_files: tuple[Path, Path, Path]) -> Any:
 async def ses(tmp_path: Path, tls_files: tuple[Path, Path, Path]) -> Any:
     async for gateway in gateway_with_accounts(tmp_path, tls_files, ses_table):
         yield gateway
-
-
-async def send(gateway: Gateway, message: bytes, role: str = "submission", **kwargs: Any) -> Any:
-    kwargs.setdefault("recipients", list(RECIPIENTS))
-    return await send_with_smtplib(gateway, role, "PLAIN", sender=SENDER, message=message, **kwargs)
-
-
-def only_request(gateway: Gateway) -> RecordedRequest:
-    assert len(gateway.api.requests) == 1, gateway.api.requests
-    gateway.api.assert_script_consumed()
-    return gateway.api.requests[0]
 
 
 # --- Mailgun ----------------------------------------------------------------
