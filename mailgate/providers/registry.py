@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from mailgate.configvalues import ConfigError
-from mailgate.providers import bento, postmark, sendgrid, webhook
+from mailgate.providers import bento, mailgun, postmark, resend, sendgrid, ses, webhook
 from mailgate.providers.providertype import ProviderType
 
 TYPES: dict[str, ProviderType] = {
@@ -17,6 +17,9 @@ TYPES: dict[str, ProviderType] = {
         postmark.PROVIDER,
         bento.PROVIDER,
         sendgrid.PROVIDER,
+        mailgun.PROVIDER,
+        resend.PROVIDER,
+        ses.PROVIDER,
     )
 }
 TYPE_NAMES: tuple[str, ...] = tuple(TYPES)
