@@ -13,7 +13,6 @@ from typing import Any
 from twisted.application.service import MultiService
 from twisted.cred.portal import Portal
 from twisted.internet import threads
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -26,6 +25,7 @@ from mailgate.auth import AccountRealm, AccountStoreChecker
 from mailgate.circuit import CircuitPolicy
 from mailgate.config import Config, ConfigError, ListenerConfig, ProviderConfig, load_config
 from mailgate.dispatch import Dispatcher, Route
+from mailgate.endpoints import listener_endpoint
 from mailgate.events import make_event_sink
 from mailgate.interfaces import IAccountStore, IDeliverer
 from mailgate.listeners import ListenerService, all_listening, listener_names
@@ -229,7 +229,7 @@ def build_parts(
 
 def endpoint_from(reactor: Any, description: str, key: str) -> Any:
     try:
-        return serverFromString(reactor, description)
+        return listener_endpoint(reactor, description)
     except (ValueError, TypeError, KeyError) as e:
         raise ConfigError(key, f"invalid endpoint string: {e}") from None
 

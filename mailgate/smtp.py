@@ -75,6 +75,24 @@ def rfc5322_date(second: int) -> str:
     return email.utils.format_datetime(datetime.datetime.fromtimestamp(second).astimezone())
 
 
+def client_ip(peer: Any) -> str:
+    """The client's address as text.  Behind a ``haproxy:`` listener the transport
+    already answers with the proxied client (:mod:`mailgate.proxyprotocol`).  An
+    IPv4 client of a dual-stack socket (systemd's ``ListenStream=25``) appears as
+    ``::ffff:a.b.c.d``; it is given in its IPv4 form, so that logs, Received
+    headers and per-client limits know one address per client."""
+    host = getattr(peer, "host", None)
+    if host is None:
+        return str(peer)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return str(host)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(host)
+
+
 @dataclass(frozen=True)
 class SessionPolicy:
     """Everything a session needs to know about its listener (ARCHITECTURE.md "Listener")."""
@@ -158,8 +176,7 @@ class SMTPSession(ESMTP):
     # -- connection lifecycle ------------------------------------------------
 
     def connectionMade(self) -> None:
-        peer = self.transport.getPeer()
-        self.peer_ip = getattr(peer, "host", str(peer))
+        self.peer_ip = client_ip(self.transport.getPeer())
         self._started = self.clock.seconds()
         self.metrics.connection_opened(self.policy.listener)
         self.setTimeout(self.policy.limits.command_timeout)

@@ -54,6 +54,7 @@ def makeService(options: Options) -> IService:
     from mailgate.config import load_config
     from mailgate.devdefault import development_setup
     from mailgate.reload import ReloadOnSIGHUP
+    from mailgate.sdnotify import Notifier, SystemdNotifier
     from mailgate.tls import TLSConfigError
     from mailgate.transports import make_http_client
 
@@ -84,4 +85,5 @@ def makeService(options: Options) -> IService:
         raise SystemExit(1) from None
     _ClosePool(pool).setServiceParent(service)
     ReloadOnSIGHUP(service.reloader, reactor).setServiceParent(service)  # type: ignore[attr-defined]
+    SystemdNotifier(Notifier.from_environment(), reactor).setServiceParent(service)
     return service

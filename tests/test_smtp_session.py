@@ -253,6 +253,15 @@ def test_relay_trusted_ipv4_mapped_ipv6_peer():
     assert client.code("MAIL FROM:<a@b.example>") == "250 2.1.0 Sender ok"
 
 
+def test_ipv4_client_of_a_dual_stack_socket_is_named_in_ipv4_form():
+    """``::ffff:a.b.c.d`` (systemd's dual-stack ListenStream=25) is shown and recorded as
+    a.b.c.d, so one client has one address in greetings, logs and Received headers."""
+    client = relay_client(peer="::ffff:127.0.0.1", ipv6=True)
+    assert client.session.peer_ip == "127.0.0.1"
+    assert client.message()[-1].startswith("250 2.0.0")
+    assert client.deliverer.calls[0].email.raw.startswith(b"Received: from client.test ([127.0.0.1])\r\n")
+
+
 def test_relay_trusted_ipv6_network():
     """A native IPv6 peer matches an IPv6 trusted network."""
     client = connect(
