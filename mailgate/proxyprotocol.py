@@ -97,7 +97,7 @@ def _parse_v1(data: bytes) -> tuple[ProxyHeader, int] | None:
     return ProxyHeader(source, destination), end + 2
 
 
-def _v1_address(kind: type[IPv4Address] | type[IPv6Address], host: bytes, port: bytes) -> Any:
+def _v1_address(kind: type[IPv4Address | IPv6Address], host: bytes, port: bytes) -> Any:
     text = host.decode("ascii")  # UnicodeDecodeError is a ValueError.
     address = ipaddress.IPv4Address(text) if kind is IPv4Address else ipaddress.IPv6Address(text)
     if not (port.isdigit() and len(port) <= 5 and int(port) <= 65535):

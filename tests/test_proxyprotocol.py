@@ -32,7 +32,15 @@ from mailgate.proxyprotocol import (
     parse_header,
 )
 from mailgate.smtp import SMTPSessionFactory
-from tests.smtp_helpers import ACCOUNTS, HOSTNAME, TRUSTED, Client, FakeDeliverer, TLSStringTransport, make_policy
+from tests.smtp_helpers import (
+    ACCOUNTS,
+    HOSTNAME,
+    TRUSTED,
+    Client,
+    FakeDeliverer,
+    TLSStringTransport,
+    make_policy,
+)
 
 BALANCER = IPv4Address("TCP", "127.0.0.1", 51000)
 V4 = (IPv4Address("TCP", "198.51.100.7", 40123), IPv4Address("TCP", "203.0.113.1", 25))
@@ -246,7 +254,7 @@ def test_silent_connection_is_aborted_after_the_timeout(info_lines: list[str]) -
 def test_close_before_the_header_cancels_the_timer() -> None:
     """A connection that goes away early leaves no timer and no protocol behind."""
     factory = RecordingFactory()
-    wrapper, transport, clock = wrap(factory)
+    _, transport, clock = wrap(factory)
     transport.loseConnection()
     assert clock.getDelayedCalls() == []
     assert factory.built == []

@@ -167,14 +167,20 @@ def gateway_with(notifier: Notifier, clock: Clock, *endpoints: ControlledEndpoin
     return top
 
 
+def running_gateway(*endpoints: ControlledEndpoint) -> tuple[MultiService, RecordingNotifier]:
+    """Started, and one reactor turn later, when the notifier looks for listeners."""
+    clock, notifier = Clock(), RecordingNotifier()
+    top = gateway_with(notifier, clock, *endpoints)
+    top.startService()
+    clock.advance(0)
+    return top, notifier
+
+
 def test_ready_only_after_every_listener_is_bound() -> None:
     """READY=1 waits for the last listener (even one added after the notifier), and the
     status names every bound address."""
-    clock, notifier = Clock(), RecordingNotifier()
     first, second = ControlledEndpoint(), ControlledEndpoint()
-    top = gateway_with(notifier, clock, first, second)
-    top.startService()
-    clock.advance(0)
+    top, notifier = running_gateway(first, second)
     first.listening.callback(FakePort(IPv4Address("TCP", "127.0.0.1", 2525)))
     assert notifier.sent == []
     second.listening.callback(FakePort(IPv6Address("TCP", "::1", 2587)))
@@ -186,11 +192,8 @@ def test_ready_only_after_every_listener_is_bound() -> None:
 def test_failed_listener_never_reports_ready(logged_errors: Any) -> None:
     """A listener that fails to bind leaves mailgate unready: systemd fails the start
     (after TimeoutStartSec) instead of believing the gateway serves mail."""
-    clock, notifier = Clock(), RecordingNotifier()
     good, bad = ControlledEndpoint(), ControlledEndpoint()
-    top = gateway_with(notifier, clock, good, bad)
-    top.startService()
-    clock.advance(0)
+    _, notifier = running_gateway(good, bad)
     good.listening.callback(FakePort(IPv4Address("TCP", "127.0.0.1", 2525)))
     bad.listening.errback(OSError("Address already in use"))
     assert notifier.sent == [("STATUS=A listener failed to start; see the log",)]

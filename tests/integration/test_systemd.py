@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import TEST_API_TOKEN, write_config
-from tests.integration.test_twistd import REPO, TWISTD, run_env
+from tests.integration.test_twistd import REPO, TWISTD, run_env, run_to_exit
 
 INSTALLED_TWISTD = "/opt/mailgate/bin/twistd"
 READY_TIMEOUT = 60.0
@@ -244,14 +244,7 @@ def test_socket_listener_without_socket_is_one_line(tmp_path: Path, tls_files: t
     env["MAILGATE_TEST_API_TOKEN"] = TEST_API_TOKEN
     for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
         env.pop(name, None)
-    completed = subprocess.run(
-        [*TWISTD, "-n", "--pidfile=", "mailgate", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+    completed = run_to_exit(config, env)
     assert completed.returncode == 1
     assert "Traceback" not in completed.stdout + completed.stderr
     assert completed.stderr.startswith(

@@ -104,6 +104,18 @@ def test_development_default_from_empty_directory(dev_gateway: tuple[subprocess.
     assert "Traceback" not in output
 
 
+def run_to_exit(config: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``twistd -n mailgate --config CONFIG`` for a start-up expected to fail."""
+    return subprocess.run(
+        [*TWISTD, "-n", "--pidfile=", "mailgate", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
 @pytest.mark.parametrize(
     ("config", "message"),
     [
@@ -123,14 +135,7 @@ def test_configuration_error_is_one_line_without_traceback(tmp_path: Path, confi
     path.write_text(config)
     env = run_env()
     env.pop("MAILGATE_UNSET_TOKEN", None)
-    completed = subprocess.run(
-        [*TWISTD, "-n", "--pidfile=", "mailgate", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+    completed = run_to_exit(path, env)
     assert completed.returncode != 0
     assert "Traceback" not in completed.stdout + completed.stderr
     assert message in completed.stderr
