@@ -23,6 +23,8 @@ from twisted.application.service import IServiceCollection, Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from mailgate.listeners import describe_address
+
 log = Logger()
 
 # sd_notify() blocks until the datagram is queued; systemd drains its socket at
@@ -94,14 +96,6 @@ def endpoint_services(service: Any) -> Iterator[StreamServerEndpointService]:
             yield from endpoint_services(child)
 
 
-def describe_port(port: Any) -> str:
-    host = port.getHost()
-    address = getattr(host, "host", None)
-    if address is None:
-        return str(getattr(host, "name", host))
-    return f"[{address}]:{host.port}" if ":" in address else f"{address}:{host.port}"
-
-
 class SystemdNotifier(Service):
     """Says ``READY=1`` once every listener of its parent is bound, ``STOPPING=1`` on stop.
 
@@ -144,7 +138,7 @@ class SystemdNotifier(Service):
             # port; without READY=1 systemd fails the start after TimeoutStartSec.
             self.notifier.send("STATUS=A listener failed to start; see the log")
             return
-        where = ", ".join(describe_port(port) for port in ports)
+        where = ", ".join(describe_address(port.getHost()) for port in ports)
         self.notifier.send("READY=1", f"STATUS=Listening on {where}" if where else "STATUS=Running")
 
     def stopService(self) -> Any:
