@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import IService, Service
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -35,6 +36,24 @@ class Options(usage.Options):
         ["config", "c", None, "Path to mailgate.toml (see etc/mailgate.toml.example)."],
         ["state-dir", None, DEV_STATE_DIR, "State directory of the development default."],
     ]
+
+
+def _exit_when_a_port_cannot_be_bound(service: IService) -> None:
+    """A listener that cannot bind (port in use, port below 1024 without the
+    capability) stops start-up with one line and exit status 1, like a
+    configuration error, instead of twistd's traceback."""
+    start = service.privilegedStartService
+
+    def privileged_start() -> None:
+        try:
+            start()
+        except CannotListenError as e:
+            where = f"{e.interface or '*'}:{e.port}"
+            reason = getattr(e.socketError, "strerror", None) or e.socketError
+            sys.stderr.write(f"mailgate: error: cannot listen on {where}: {reason}\n")
+            raise SystemExit(1) from None
+
+    service.privilegedStartService = privileged_start  # type: ignore[method-assign]
 
 
 class _ClosePool(Service):
@@ -86,4 +105,5 @@ def makeService(options: Options) -> IService:
     _ClosePool(pool).setServiceParent(service)
     ReloadOnSIGHUP(service.reloader, reactor).setServiceParent(service)  # type: ignore[attr-defined]
     SystemdNotifier(Notifier.from_environment(), reactor).setServiceParent(service)
+    _exit_when_a_port_cannot_be_bound(service)
     return service

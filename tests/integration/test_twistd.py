@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import smtplib
 import ssl
 import subprocess
@@ -156,3 +157,24 @@ def test_unusable_state_directory_is_one_line(tmp_path: Path) -> None:
     assert completed.returncode != 0
     assert "Traceback" not in completed.stdout + completed.stderr
     assert completed.stderr.startswith("mailgate: error: ")
+
+
+def test_port_in_use_is_one_line_without_traceback(tmp_path: Path) -> None:
+    """A listener whose port is taken stops start-up with exit 1 and one line saying which."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "mailgate.toml"
+        path.write_text(
+            f'[server]\nhostname = "mx.test"\nstate_dir = "state"\n'
+            f'[[listeners]]\nendpoint = "tcp:{port}:interface=127.0.0.1"\nrole = "relay"\n'
+            'trusted_networks = ["127.0.0.0/8"]\n'
+            '[accounts]\nstore = "passthrough"\nprovider = "capture"\npassword_settings = ["token"]\n'
+            '[providers.capture]\ntype = "capture"\nfolder = "captured"\n'
+        )
+        completed = run_to_exit(path, run_env())
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 1
+    assert "Traceback" not in output
+    assert f"mailgate: error: cannot listen on 127.0.0.1:{port}: Address already in use" in output
