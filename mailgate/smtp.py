@@ -761,8 +761,10 @@ class SMTPSession(ESMTP):
         if self.account is not None:
             protocol += "A"  # RFC 3848
         date = rfc5322_date(int(self.clock.seconds()))
+        # RFC 5321 §4.1.3 address literal: "[192.0.2.1]" or "[IPv6:2001:db8::1]".
+        literal = f"IPv6:{self.peer_ip}" if ":" in self.peer_ip else self.peer_ip
         return (
-            f"Received: from {self._helo} ([{self.peer_ip}])\r\n"
+            f"Received: from {self._helo} ([{literal}])\r\n"
             f"\tby {self.policy.hostname} (mailgate) with {protocol} id {queue_id};\r\n"
             f"\t{date}\r\n"
         ).encode("ascii", "replace")

@@ -67,6 +67,14 @@ def test_received_header_prepended_without_recipients():
     assert raw.endswith(MESSAGE)
 
 
+def test_received_header_names_an_ipv6_client_as_an_address_literal():
+    """RFC 5321 §4.1.3: an IPv6 client is ``[IPv6:...]`` in the trace header."""
+    client = authed_client(peer="2001:db8::25", ipv6=True)
+    client.message()
+    [call] = client.deliverer.calls
+    assert call.email.raw.startswith(b"Received: from client.test ([IPv6:2001:db8::25])\r\n")
+
+
 def test_received_header_plain_smtp_protocol():
     """Over HELO in plaintext from a trusted network the protocol is plain SMTP."""
     client = connect(
