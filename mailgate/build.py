@@ -17,10 +17,11 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailgate import message
-from mailgate.accounts.account import Account
-from mailgate.admin import admin_site, directory_writable
+from mailgate.accounts.account import Account, provider_problem
 from mailgate.accounts.filestore import FileAccountStore
+from mailgate.accounts.httpstore import HTTPAccountStore
 from mailgate.accounts.passthrough import PassthroughStore
+from mailgate.admin import admin_site, directory_writable
 from mailgate.auth import AccountRealm, AccountStoreChecker
 from mailgate.circuit import CircuitPolicy
 from mailgate.config import Config, ConfigError, ListenerConfig, ProviderConfig, load_config
@@ -35,7 +36,13 @@ from mailgate.providers.providertype import ProviderType
 from mailgate.ratelimit import AccountRateLimiter, MessageRate, RequestLimits
 from mailgate.reload import Parts, Reloader
 from mailgate.smtp import SessionPolicy, SMTPSessionFactory
-from mailgate.tls import ReloadableContextFactory, ensure_dev_certificate
+from mailgate.tls import (
+    ReloadableContextFactory,
+    TLSConfigError,
+    ensure_dev_certificate,
+    trust_root_from_file,
+)
+from mailgate.transports import TreqTransport, make_http_client
 
 log = Logger()
 
@@ -70,17 +77,43 @@ def build_tls(config: Config) -> ReloadableContextFactory:
     return ReloadableContextFactory(certificate, key)
 
 
-def build_account_store(config: Config) -> IAccountStore:
+def build_account_store(config: Config, reactor: Any = None, http_client: Any = None) -> IAccountStore:
     accounts = config.accounts
     if accounts.store == "file":
         assert accounts.path is not None
         return FileAccountStore(accounts.path)
+    if accounts.store == "http":
+        return build_http_store(config, reactor, http_client)
     assert accounts.provider is not None
     return PassthroughStore(
         accounts.provider,
         accounts.username_setting,
         accounts.password_settings,
         allowed_senders=accounts.allowed_senders,
+    )
+
+
+def build_http_store(config: Config, reactor: Any, http_client: Any) -> HTTPAccountStore:
+    """The ``http`` store on the shared treq client (its own client for a private CA)."""
+    accounts = config.accounts
+    assert accounts.url is not None
+    if accounts.ca_file is not None:
+        try:
+            trust_root = trust_root_from_file(accounts.ca_file)
+        except TLSConfigError as e:
+            raise ConfigError("accounts.ca_file", str(e)) from None
+        http_client, _ = make_http_client(reactor, accounts.timeout, trust_root)
+    basic = (accounts.username, accounts.password) if accounts.username and accounts.password else None
+    return HTTPAccountStore(
+        accounts.url,
+        TreqTransport(http_client, reactor, accounts.timeout),
+        reactor,
+        providers=provider_account_settings(config),
+        token=accounts.token,
+        basic_auth=basic,
+        success_ttl=accounts.success_ttl,
+        failure_ttl=accounts.failure_ttl,
+        cache_size=accounts.cache_size,
     )
 
 
@@ -152,24 +185,25 @@ def check_passthrough(config: Config) -> None:
             )
 
 
+def provider_account_settings(config: Config) -> dict[str, tuple[str, ...]]:
+    """Each configured provider's name and the settings an account may give it."""
+    return {
+        name: registry.lookup(name, provider.type).account_settings
+        for name, provider in config.providers.items()
+    }
+
+
 def check_accounts(config: Config, store: IAccountStore) -> None:
     """Routes and per-account provider settings must name what the config defines,
     so a typo stops start-up instead of deferring that account's mail forever."""
     listing = getattr(store, "accounts", None)
     if listing is None:
         return
+    allowed = provider_account_settings(config)
     for account in listing():
-        for name in account.route:
-            if name not in config.providers:
-                raise ConfigError(f"accounts.{account.name}.route", f"no provider named {name!r}")
-        for name, settings in account.provider_settings.items():
-            if name not in config.providers:
-                raise ConfigError(f"accounts.{account.name}.providers.{name}", "no such provider")
-            provider = config.providers[name]
-            allowed = registry.lookup(name, provider.type).account_settings
-            for key in settings:
-                if key not in allowed:
-                    raise ConfigError(f"accounts.{account.name}.providers.{name}.{key}", "unknown key")
+        problem = provider_problem(account, allowed)
+        if problem is not None:
+            raise ConfigError(f"accounts.{account.name}.{problem[0]}", problem[1])
 
 
 def session_policy(
@@ -222,7 +256,7 @@ def build_parts(
     """What start-up and every reload build from a configuration, checked together."""
     check_passthrough(config)
     tls = build_tls(config)
-    store = store if store is not None else build_account_store(config)
+    store = store if store is not None else build_account_store(config, reactor, http_client)
     check_accounts(config, store)
     return Parts(tls=tls, store=store, routes=build_routes(config, reactor, http_client))
 

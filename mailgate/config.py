@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import urlsplit
 
-from mailgate.configvalues import ConfigError, parse_size, resolve_secret
-from mailgate.providers.registry import TYPE_NAMES
+from mailgate.configvalues import ConfigError, is_loopback_host, parse_size, resolve_secret
+from mailgate.providers.registry import TYPE_NAMES, TYPES
 
 __all__ = [
     "AccountsConfig",
@@ -42,7 +43,11 @@ __all__ = [
 ROLES = ("relay", "submission", "submissions")
 DELIVERY_MODES = ("sync",)
 LINE_ENDING_POLICIES = ("reject", "normalize")
-ACCOUNT_STORES = ("file", "passthrough")
+ACCOUNT_STORES = ("file", "passthrough", "http")
+# Keys of [accounts] that only the http store reads.
+HTTP_STORE_KEYS = (
+    "url", "token", "username", "password", "ca_file", "timeout", "success_ttl", "failure_ttl", "cache_size",
+)  # fmt: skip
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -110,6 +115,16 @@ class AccountsConfig:
     username_setting: str = ""
     password_settings: tuple[str, ...] = ()
     allowed_senders: tuple[str, ...] = ()
+    # http store: the endpoint, mailgate's credentials for it, and the cache
+    url: str | None = None
+    token: str | None = field(default=None, repr=False)
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: Path | None = None
+    timeout: float = 10.0
+    success_ttl: float = 300.0
+    failure_ttl: float = 60.0
+    cache_size: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -319,7 +334,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
     providers_t = top.table("providers")
     providers: dict[str, ProviderConfig] = {}
     for name in list(providers_t.data):
-        providers[name] = _provider(name, providers_t.table(name), base_dir)
+        providers[name] = _provider(name, providers_t.table(name), base_dir, server.hostname)
     if not providers:
         raise ConfigError("providers", "at least one [providers.NAME] table is required")
     for index, name in enumerate(delivery.route):
@@ -327,13 +342,19 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
             raise ConfigError(f"delivery.route[{index}]", f"no provider named {name!r}")
 
     accounts_t = top.table("accounts")
+    store = accounts_t.string("store", "file", ACCOUNT_STORES)
+    if store != "http":
+        for key in HTTP_STORE_KEYS:
+            if key in accounts_t.data:
+                raise ConfigError(f"accounts.{key}", 'only used with store = "http"')
     accounts = AccountsConfig(
-        store=accounts_t.string("store", "file", ACCOUNT_STORES),
+        store=store,
         path=accounts_t.path("path", base_dir),
         provider=accounts_t.string("provider"),
         username_setting=accounts_t.string("username_setting", ""),
         password_settings=accounts_t.strings("password_settings"),
         allowed_senders=accounts_t.strings("allowed_senders"),
+        **(_http_store(accounts_t, base_dir) if store == "http" else {}),
     )
     accounts_t.finish()
     if accounts.store == "file" and accounts.path is None:
@@ -377,6 +398,42 @@ def _admin(table: _Table, base_dir: Path) -> AdminConfig:
     return AdminConfig(endpoint=endpoint, token=token)
 
 
+def _http_store(table: _Table, base_dir: Path) -> dict[str, Any]:
+    """The [accounts] keys of the http store (mailgate.accounts.httpstore)."""
+    url = table.string("url")
+    if url is None:
+        raise ConfigError("accounts.url", 'required for store = "http": the HTTPS URL of the endpoint')
+    host = urlsplit(url).hostname or ""
+    if not url.startswith("https://") and not (url.startswith("http://") and is_loopback_host(host)):
+        raise ConfigError("accounts.url", "must be an https:// URL (http:// only to a loopback address)")
+    token, password = (
+        resolve_secret(value, f"accounts.{key}") if value is not None else None
+        for key, value in (("token", table.string("token")), ("password", table.string("password")))
+    )
+    username = table.string("username")
+    if (username is None) != (password is None):
+        raise ConfigError("accounts.password" if password is None else "accounts.username",
+                          "username and password (HTTP Basic) must be set together")
+    if token is not None and username is not None:
+        raise ConfigError("accounts.token", "use either token or username/password, not both")
+    ttls = {}
+    for key, default in (("success_ttl", 300.0), ("failure_ttl", 60.0)):
+        value = table.take(key, (int, float), default)
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"accounts.{key}", "must be a finite number of seconds, 0 or more")
+        ttls[key] = float(value)
+    return {
+        "url": url,
+        "token": token,
+        "username": username,
+        "password": password,
+        "ca_file": table.path("ca_file", base_dir),
+        "timeout": float(table.positive("timeout", 10.0)),
+        "cache_size": table.positive("cache_size", 10_000, integer=True),
+        **ttls,
+    }
+
+
 def _listener(data: Any, key: str) -> ListenerConfig:
     table = _Table(data, key)
     endpoint = table.string("endpoint")
@@ -403,7 +460,7 @@ def _listener(data: Any, key: str) -> ListenerConfig:
     return listener
 
 
-def _provider(name: str, table: _Table, base_dir: Path) -> ProviderConfig:
+def _provider(name: str, table: _Table, base_dir: Path, hostname: str) -> ProviderConfig:
     kind = table.string("type", None, TYPE_NAMES)
     if kind is None:
         raise ConfigError(f"providers.{name}.type", f"required: one of {', '.join(TYPE_NAMES)}")
@@ -434,6 +491,11 @@ def _provider(name: str, table: _Table, base_dir: Path) -> ProviderConfig:
         elif not isinstance(value, int | float | bool | list):
             raise ConfigError(full, "must be a string, number, boolean or list")
         settings[key] = value
+    for key in TYPES[kind].path_settings:
+        if isinstance(settings.get(key), str):
+            settings[key] = str((base_dir / Path(settings[key]).expanduser()).resolve())
+    if "helo" in TYPES[kind].settings:
+        settings.setdefault("helo", hostname)  # SMTP providers introduce themselves as this server
     if kind == "capture":
         folder = settings.get("folder", "captured")
         if not isinstance(folder, str):

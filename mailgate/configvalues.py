@@ -10,12 +10,13 @@ from either file format, so neither has to import the other.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from decimal import Decimal
 from pathlib import Path
 
-__all__ = ["ConfigError", "parse_size", "resolve_secret"]
+__all__ = ["ConfigError", "is_loopback_host", "parse_size", "resolve_secret"]
 
 
 class ConfigError(Exception):
@@ -119,3 +120,14 @@ def resolve_secret(value: object, key: str, *, base_dir: Path | None = None) -> 
     if not secret:
         raise ConfigError(key, f"{where} is empty")
     return secret
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses: the only places mailgate
+    sends a password without TLS unless told otherwise."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

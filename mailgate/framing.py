@@ -11,16 +11,43 @@ The reader is pure: it writes unstuffed message bytes to a sink and reports
 the first problem it found as a :class:`~mailgate.replies.Reply`, which the
 session sends only after the real end of data, so an over-long or malformed
 line can never return the session to command mode early (SECURITY.md item 3).
+
+:func:`dot_stuff` is the sending half, used when mailgate relays to an upstream
+SMTP server (:mod:`mailgate.smtpclient`).
 """
 
 from __future__ import annotations
 
+import re
 from typing import BinaryIO
 
 from mailgate import replies
 from mailgate.replies import Reply
 
 MAX_LINE = 998  # RFC 5322 §2.1.1: at most 998 characters, excluding CRLF.
+
+# Any line break: CRLF, or a bare CR or LF (RFC 5321 §2.3.8 allows only CRLF).
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+
+
+def dot_stuff(message: bytes) -> bytes:
+    """``message`` as the bytes that follow ``354``, end-of-data line included.
+
+    RFC 5321 §4.5.2: a line that starts with a dot gets a second one.  Every
+    line break becomes CRLF (a bare CR or LF would let an upstream server and
+    mailgate disagree about where the message ends: SMTP smuggling), the last
+    line gets a CRLF if it lacked one, and ``.<CRLF>`` ends the data.
+
+    The whole message is stuffed at once.  Twisted's ``SMTPClient`` stuffs
+    chunk by chunk and so misses a dot at the start of a chunk (and on the
+    first line), which could end the data early at the upstream server.
+    """
+    lines = _LINE_BREAK.split(message)
+    if lines[-1] == b"":
+        lines.pop()  # The message ended with a line break.
+    stuffed = [b"." + line if line[:1] == b"." else line for line in lines]
+    stuffed.append(b".")
+    return b"\r\n".join(stuffed) + b"\r\n"
 
 
 class DataReader:

@@ -10,6 +10,12 @@ from __future__ import annotations
 from zope.interface import Attribute, Interface
 
 
+class AccountStoreUnavailable(Exception):
+    """A store cannot decide a login now (its endpoint is down, slow or answered
+    nonsense): the client gets ``454 4.7.0`` and may try again.  The store has
+    already logged why; the message is safe to log (no secrets)."""
+
+
 class IAccount(Interface):
     """Marker interface under which the realm hands out :class:`Account` avatars."""
 
@@ -25,8 +31,9 @@ class IAccountStore(Interface):
         """Check a PLAIN/LOGIN login.
 
         Returns a Deferred firing with the Account, or failing with
-        ``twisted.cred.error.UnauthorizedLogin`` (bad credentials: 535 5.7.8) or
-        any other error (store unavailable: 454 4.7.0).
+        ``twisted.cred.error.UnauthorizedLogin`` (bad credentials: 535 5.7.8),
+        :class:`AccountStoreUnavailable` (454 4.7.0, logged by the store) or any
+        other error (454 4.7.0, logged with its traceback as a bug).
         """
 
     def authenticate_cram_md5(username: str, challenge: bytes, digest: str):  # type: ignore[no-untyped-def]

@@ -54,7 +54,7 @@ from mailgate.accounts.account import Account
 from mailgate.config import LimitsConfig
 from mailgate.framing import DataReader
 from mailgate.ids import new_queue_id
-from mailgate.interfaces import IAccount, IDeliverer
+from mailgate.interfaces import AccountStoreUnavailable, IAccount, IDeliverer
 from mailgate.logging import log_message_outcome
 from mailgate.message import MessageParseError
 from mailgate.ratelimit import AccountRateLimiter
@@ -627,6 +627,15 @@ class SMTPSession(ESMTP):
         if failure.check(UnauthorizedLogin):
             return self._auth_failed(mechanism)
         self.metrics.auth_result(mechanism, "error")
+        if failure.check(AccountStoreUnavailable):
+            # The store logged the cause; this is an outage, not a bug: no traceback.
+            self.log.info(
+                "AUTH {mechanism} deferred: {reason}; peer={peer}",
+                mechanism=mechanism,
+                reason=str(failure.value),
+                peer=self.peer_ip,
+            )
+            return replies.AUTH_TEMPFAIL
         self.log.failure("AUTH {mechanism} error: account store failed; peer={peer}", failure, mechanism=mechanism, peer=self.peer_ip)
         return replies.AUTH_TEMPFAIL
 

@@ -15,6 +15,11 @@ offered is one we are content with and the list is in Mozilla's order.
 
 Certificates are reloadable (``ReloadableContextFactory.reload``) so renewed
 certificates take effect without a restart.
+
+The client side (:func:`trust_root_from_file`, :func:`client_tls_options`)
+serves mailgate's own outgoing connections: the ``smtp`` provider and the
+``http`` account store verify the server with service-identity against the
+configured host, optionally trusting a private CA instead of the system's.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import ipaddress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -30,8 +36,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
-from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+)
+from twisted.internet.ssl import (
+    AcceptableCiphers,
+    Certificate,
+    CertificateOptions,
+    TLSVersion,
+    optionsForClientTLS,
+    trustRootFromCertificates,
+)
 from zope.interface import implementer
 
 from mailgate.atomicfile import write_atomically
@@ -87,6 +103,34 @@ def certificate_expiry(certificate: Path) -> datetime:
 def leaf_certificate(certificate: Path) -> x509.Certificate:
     """The leaf (first) certificate of a PEM chain file; TLSConfigError naming the file."""
     return _load_certificate_chain(certificate)[0]
+
+
+def trust_root_from_file(path: Path) -> Any:
+    """Trust exactly the CA certificates in the PEM file ``path`` (a private CA).
+
+    Raises :class:`TLSConfigError` naming the file when it cannot be used.
+    """
+    chain = _load_certificate_chain(path)
+    return trustRootFromCertificates(
+        [Certificate.loadPEM(cert.public_bytes(serialization.Encoding.PEM)) for cert in chain]
+    )
+
+
+def client_tls_options(
+    hostname: str, trust_root: Any = None
+) -> IOpenSSLClientConnectionCreator:
+    """Client TLS options that verify the server's certificate for ``hostname``.
+
+    Twisted's ``optionsForClientTLS`` checks the chain against ``trust_root``
+    (the system's CAs when None) and the name with service-identity (RFC 6125;
+    an IP address is matched against the certificate's IP addresses).  TLS 1.2
+    is the minimum, as on mailgate's own listeners.
+    """
+    return optionsForClientTLS(
+        hostname,
+        trustRoot=trust_root,
+        extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2},
+    )
 
 
 # The interface declaration is what makes TLSMemoryBIOFactory (behind both

@@ -17,7 +17,7 @@ from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from twisted.internet import defer
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
@@ -63,16 +63,23 @@ class BytesProducer:
         pass
 
 
-def make_http_client(reactor: Any, connect_timeout: float = 10) -> tuple[Any, Any]:
+def make_http_client(
+    reactor: Any, connect_timeout: float = 10, trust_root: Any = None
+) -> tuple[Any, Any]:
     """The one treq ``HTTPClient`` for all providers, and its persistent pool.
 
     Bodies are written with :class:`BytesProducer`; the pool keeps connections
     open between messages (closed by :meth:`HTTPConnectionPool.closeCachedConnections`).
+
+    With ``trust_root`` (a private CA, :func:`mailgate.tls.trust_root_from_file`)
+    the client trusts only that CA, and its pool keeps no connections: it serves
+    one special endpoint, and has no one to close it at shutdown.
     """
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = HTTPConnectionPool(reactor, persistent=trust_root is None)
     pool.maxPersistentPerHost = 32
     pool.cachedConnectionTimeout = 120
-    agent = Agent(reactor, pool=pool, connectTimeout=connect_timeout)
+    policy = BrowserLikePolicyForHTTPS(trustRoot=trust_root)
+    agent = Agent(reactor, contextFactory=policy, pool=pool, connectTimeout=connect_timeout)
     return HTTPClient(agent, data_to_body_producer=BytesProducer), pool
 
 

@@ -8,7 +8,7 @@ out of ``repr()`` so that an account can be logged safely.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 
@@ -60,3 +60,26 @@ class Account:
 
     def __hash__(self) -> int:
         return hash(self.name)  # Mappings are not hashable; the name identifies an account.
+
+
+def provider_problem(
+    account: Account, account_settings: Mapping[str, Collection[str]]
+) -> tuple[str, str] | None:
+    """The first provider reference of ``account`` that the configuration lacks.
+
+    ``account_settings`` maps each configured provider name to the settings an
+    account may give it.  Returns ``(key, message)`` with ``key`` relative to
+    the account (``"route"``, ``"providers.main.token"``), or None when every
+    route entry and provider setting names something configured: a typo must
+    not defer that account's mail forever.
+    """
+    for name in account.route:
+        if name not in account_settings:
+            return "route", f"no provider named {name!r}"
+    for name, settings in account.provider_settings.items():
+        if name not in account_settings:
+            return f"providers.{name}", "no such provider"
+        for key in settings:
+            if key not in account_settings[name]:
+                return f"providers.{name}.{key}", "unknown key"
+    return None

@@ -34,7 +34,7 @@ from mailgate.accounts.account import Account
 from mailgate.configvalues import ConfigError, parse_size, resolve_secret
 from mailgate.interfaces import IAccountStore
 
-__all__ = ["AccountEntry", "FileAccountStore", "load_accounts", "parse_account"]
+__all__ = ["AccountEntry", "FileAccountStore", "account_from_table", "load_accounts", "parse_account"]
 
 DELIVERY_MODES = ("sync",)  # "queue" arrives with the durable spool.
 
@@ -154,6 +154,27 @@ def parse_account(
             "or doveadm pw -s CRAM-MD5 output without its {CRAM-MD5} prefix)",
         )
 
+    account = account_from_table(name, table, error, base_dir=base_dir)
+    return AccountEntry(account=account, password=password, cram_md5=cram_md5)
+
+
+def account_from_table(
+    name: str,
+    table: Mapping[str, Any],
+    error: Callable[[str, str], ConfigError],
+    *,
+    base_dir: Path | None = None,
+    remote: bool = False,
+) -> Account:
+    """The :class:`Account` described by the non-secret keys of ``table``.
+
+    Shared by every store that receives accounts as data (this file, the
+    ``http`` store's JSON).  ``error(key, message)`` builds the exception
+    naming the key.  ``remote`` data comes from another system: provider
+    settings are taken literally (never ``env:``/``file:`` references, which
+    would let that system read mailgate's environment and files) and may not
+    hold control characters.
+    """
     route = _string_list(table.get("route", []), error, "route", _PROVIDER_NAME, "provider names")
     if len(set(route)) != len(route):
         raise error("route", "names a provider twice")
@@ -180,6 +201,8 @@ def parse_account(
         raise error("message_burst", "must be a positive integer")
     max_message_size = table.get("max_message_size")
     if max_message_size is not None:
+        if isinstance(max_message_size, float) and max_message_size.is_integer():
+            max_message_size = int(max_message_size)  # JSON numbers
         try:
             max_message_size = parse_size(max_message_size, "max_message_size")
         except ConfigError as e:
@@ -189,9 +212,9 @@ def parse_account(
         raise error("delivery_mode", 'must be "sync" (the only mode available so far)')
 
     defaults = _control_defaults(table.get("defaults", {}), error)
-    providers = _provider_settings(table.get("providers", {}), error, base_dir)
+    providers = _provider_settings(table.get("providers", {}), error, base_dir, remote)
 
-    account = Account(
+    return Account(
         name=name,
         route=route,
         provider_settings=providers,
@@ -203,7 +226,6 @@ def parse_account(
         max_messages_per_minute=max_messages_per_minute,
         message_burst=message_burst,
     )
-    return AccountEntry(account=account, password=password, cram_md5=cram_md5)
 
 
 def _is_int(value: object, minimum: int) -> bool:
@@ -261,6 +283,7 @@ def _provider_settings(
     value: object,
     error: Callable[[str, str], ConfigError],
     base_dir: Path | None,
+    remote: bool = False,
 ) -> Mapping[str, Mapping[str, str]]:
     if not isinstance(value, dict):
         raise error("providers", "must be a table of [providers.NAME] tables")
@@ -275,6 +298,11 @@ def _provider_settings(
             key = f"providers.{provider}.{setting}"
             if not isinstance(raw, str):
                 raise error(key, "must be a string")
+            if remote:
+                if re.search(r"[\x00-\x1f\x7f]", raw):
+                    raise error(key, "must be a string without control characters")
+                resolved[setting] = raw
+                continue
             try:
                 resolved[setting] = resolve_secret(raw, key, base_dir=base_dir)
             except ConfigError as e:

@@ -92,3 +92,5 @@ class ProviderType:
     transport: Callable[[Mapping[str, Any], Any, Any, float], ITransport] = http_transport
     # (provider name, validated settings) -> the Probe ``mailgate check`` sends, or None.
     probe: Callable[[str, Mapping[str, Any]], Probe | None] = no_probe
+    # Settings that are file paths: relative ones are resolved against the config file's folder.
+    path_settings: tuple[str, ...] = ()

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from mailgate.configvalues import ConfigError
-from mailgate.providers import bento, mailgun, postmark, resend, sendgrid, ses, webhook
+from mailgate.providers import bento, mailgun, postmark, resend, sendgrid, ses, smtp, webhook
 from mailgate.providers.providertype import ProviderType
 
 TYPES: dict[str, ProviderType] = {
@@ -20,6 +20,7 @@ TYPES: dict[str, ProviderType] = {
         mailgun.PROVIDER,
         resend.PROVIDER,
         ses.PROVIDER,
+        smtp.PROVIDER,
     )
 }
 TYPE_NAMES: tuple[str, ...] = tuple(TYPES)
