@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailgate import replies
-from mailgate.framing import MAX_LINE, DataReader
+from mailgate.framing import MAX_LINE, DataReader, dot_stuff
 
 
 def read(chunks: list[bytes], max_size: int = 10**6, line_endings: str = "reject"):
@@ -288,3 +288,37 @@ def test_sink_write_error_is_recorded_and_reading_continues():
     assert reader.feed(b".\r\nNOOP\r\n") == b"NOOP\r\n"
     assert reader.done
     assert sink.writes == 1
+
+
+# -- dot_stuff: the sending half -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("message", "stuffed"),
+    [
+        (b"a\r\n.b\r\n", b"a\r\n..b\r\n.\r\n"),
+        (b".first\r\nx\r\n", b"..first\r\nx\r\n.\r\n"),
+        (b"a\r\n.\r\nMAIL FROM:<x@y>\r\n", b"a\r\n..\r\nMAIL FROM:<x@y>\r\n.\r\n"),
+        (b"no final break", b"no final break\r\n.\r\n"),
+        (b"bare\nlf\rcr\n.\n", b"bare\r\nlf\r\ncr\r\n..\r\n.\r\n"),
+        (b"", b".\r\n"),
+    ],
+)
+def test_dot_stuff_examples(message: bytes, stuffed: bytes) -> None:
+    """Leading dots are doubled on every line (the first too), line breaks become CRLF,
+    and the end-of-data line follows; a lone dot line can never end the data early."""
+    assert dot_stuff(message) == stuffed
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lines=st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"").replace(b"\0", b"")), max_size=30),
+    cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=8),
+)
+def test_dot_stuff_round_trips_through_the_reader(lines: list[bytes], cuts: list[int]) -> None:
+    """What dot_stuff sends, mailgate's own DATA reader reads back exactly, in any chunking,
+    ending exactly at the end of the stuffed bytes."""
+    message = b"".join(line + b"\r\n" for line in lines)
+    stuffed = dot_stuff(message)
+    data, error, leftover, _ = read(split_at(stuffed + b"QUIT\r\n", cuts))
+    assert (data, error, leftover) == (message, None, b"QUIT\r\n")
