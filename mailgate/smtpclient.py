@@ -286,7 +286,9 @@ class RelayClient(ESMTPClient):
             self.transport.abortConnection()
             return
         self._tlsMode = True
-        self.esmtpState_ehlo(code, resp)
+        # The stage stays STARTTLS through this EHLO: its reply is the first
+        # thing that needs the handshake (and the certificate check) done.
+        ESMTPClient.esmtpState_ehlo(self, code, resp)
 
     # -- AUTH (RFC 4954) ----------------------------------------------------------
 
