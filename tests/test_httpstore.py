@@ -356,3 +356,24 @@ def test_http_keys_need_the_http_store(tmp_path: Any) -> None:
             base_dir=tmp_path,
         )
     assert (caught.value.key, caught.value.message) == ("accounts.url", 'only used with store = "http"')
+
+
+def test_example_configuration_keys_are_valid(tmp_path: Any) -> None:
+    """The commented http-store keys in etc/mailgate.toml.example parse as an [accounts] table."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "etc" / "mailgate.toml.example").read_text()
+    start = text.index('#   url = "https://')
+    lines = []
+    for line in text[start:].splitlines():
+        if not line.startswith("#   "):
+            break
+        lines.append(re.sub(r"\s+#.*$", "", line.removeprefix("#   ")))
+    example = tomllib.loads("\n".join(lines))
+    assert set(example) == {"url", "token", "username", "password", "ca_file", "timeout", "success_ttl", "failure_ttl", "cache_size"}
+    del example["username"], example["password"]  # the alternative to token
+    example["token"] = "inline-test-token"
+    accounts = http_config(tmp_path, **example).accounts
+    assert accounts.url == "https://auth.internal.example/smtp-login"

@@ -271,3 +271,32 @@ def test_transport_uses_the_api_timeout_unless_set(tmp_path: Path) -> None:
     assert isinstance(made, SMTPTransport)
     assert (made.command_timeout, made.connect_timeout, made.helo, made.server) == (12.5, 30.0, "mx.example.com", "smtp.example.net:587")
     assert transport({**settings, "command_timeout": 99}, object(), None, 12.5).command_timeout == 99
+
+
+def test_example_configuration_block_is_valid(tmp_path: Path) -> None:
+    """The commented [providers.relay] example in etc/mailgate.toml.example parses and validates."""
+    import tomllib
+
+    text = (Path(__file__).resolve().parents[1] / "etc" / "mailgate.toml.example").read_text()
+    start = text.index("# [providers.relay]")
+    block = text[start : text.index("\n\n", start)]
+    table = tomllib.loads("\n".join(line.removeprefix("# ") for line in block.splitlines()))
+    settings = dict(table["providers"]["relay"])
+    assert settings.pop("type") == "smtp"
+    assert set(settings) <= set(registry.TYPES["smtp"].settings)
+    validated(**settings)
+
+
+def test_relative_ca_file_is_resolved_against_the_config(tmp_path: Path) -> None:
+    """ca_file = "ca.pem" means the file beside mailgate.toml, not the working directory."""
+    from mailgate.config import parse_config
+
+    config = parse_config(
+        {
+            "listeners": [{"endpoint": "tcp:587", "role": "submission"}],
+            "accounts": {"store": "file", "path": "accounts.toml"},
+            "providers": {"relay": {"type": "smtp", "host": "smtp.example.net", "ca_file": "ca.pem"}},
+        },
+        base_dir=tmp_path,
+    )
+    assert config.providers["relay"].settings["ca_file"] == str(tmp_path / "ca.pem")
