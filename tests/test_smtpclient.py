@@ -48,13 +48,13 @@ class TLSStringTransport(StringTransport):
 
 
 def request(**overrides: Any) -> SMTPRequest:
-    fields: dict[str, Any] = dict(
-        provider="relay",
-        message_id="Q1",
-        sender="app@example.com",
-        recipients=("to@example.org", "bcc@example.net"),
-        body=BODY,
-    )
+    fields: dict[str, Any] = {
+        "provider": "relay",
+        "message_id": "Q1",
+        "sender": "app@example.com",
+        "recipients": ("to@example.org", "bcc@example.net"),
+        "body": BODY,
+    }
     fields.update(overrides)
     return SMTPRequest(**fields)
 

@@ -8,6 +8,7 @@ out of ``repr()`` so that an account can be logged safely.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
@@ -60,6 +61,12 @@ class Account:
 
     def __hash__(self) -> int:
         return hash(self.name)  # Mappings are not hashable; the name identifies an account.
+
+
+def login_fingerprint(username: str) -> str:
+    """12 hex digits of SHA-256 of ``username``: a stable account name for stores
+    whose usernames may be secrets (API keys), safe in logs and metrics."""
+    return hashlib.sha256(username.encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
 
 def provider_problem(

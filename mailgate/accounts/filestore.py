@@ -62,10 +62,10 @@ _USERNAME = re.compile(r"[^\s\x00-\x1f\x7f]{1,255}")
 _PROVIDER_NAME = re.compile(r"[^\s,\x00-\x1f\x7f]{1,64}")
 _SENDER = re.compile(r"[^\s@<>\x00-\x1f\x7f]*@[^\s@<>\x00-\x1f\x7f]+")
 
-_ACCOUNT_KEYS = frozenset(
+# The keys that describe an account, shared with stores that get accounts as
+# data (the http store's JSON); this file adds the secrets.
+ACCOUNT_FIELDS = frozenset(
     {
-        "password",
-        "cram_md5",
         "route",
         "allowed_senders",
         "max_recipients",
@@ -77,6 +77,7 @@ _ACCOUNT_KEYS = frozenset(
         "providers",
     }
 )
+_ACCOUNT_KEYS = ACCOUNT_FIELDS | {"password", "cram_md5"}
 _UNAUTHORIZED = "invalid credentials"
 
 

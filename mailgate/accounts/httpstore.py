@@ -44,27 +44,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailgate.accounts.account import Account, provider_problem
-from mailgate.accounts.filestore import _USERNAME, account_from_table
+from mailgate.accounts.account import Account, login_fingerprint, provider_problem
+from mailgate.accounts.filestore import _USERNAME, ACCOUNT_FIELDS, account_from_table
 from mailgate.interfaces import AccountStoreUnavailable, IAccountStore, ITransport
 from mailgate.providers.base import HTTPRequest, HTTPResponse
 from mailgate.transports import APITimeout
 
 __all__ = ["HTTPAccountStore"]
 
-# Keys of the account object besides those of a file-store account's table.
-ACCOUNT_KEYS = frozenset(
-    {
-        "name",
-        "route",
-        "allowed_senders",
-        "max_recipients",
-        "max_message_size",
-        "delivery_mode",
-        "defaults",
-        "providers",
-    }
-)
+# The account object: a file-store account's keys without secrets, plus its name.
+ACCOUNT_KEYS = ACCOUNT_FIELDS | {"name"}
 _UNAUTHORIZED = "invalid credentials"
 _REFUSED = object()  # a cached 401/403
 
@@ -201,7 +190,7 @@ class HTTPAccountStore:
         name = data.get("name")
         if name is None:
             # Stable per login without showing the username, which may be an API key.
-            name = "http-" + hashlib.sha256(username.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+            name = "http-" + login_fingerprint(username)
         elif not isinstance(name, str) or not _USERNAME.fullmatch(name):
             raise _BadAccount("name", "must be 1-255 characters without spaces or controls")
         account = account_from_table(name, data, _BadAccount, remote=True)

@@ -18,7 +18,6 @@ Examples::
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
@@ -27,7 +26,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from zope.interface import implementer
 
-from mailgate.accounts.account import Account
+from mailgate.accounts.account import Account, login_fingerprint
 from mailgate.interfaces import IAccountStore
 
 __all__ = ["PassthroughStore"]
@@ -101,10 +100,9 @@ class PassthroughStore:
         settings.update(zip(self.password_settings, parts))
         if not all(_FIELD.fullmatch(value) for value in settings.values()):
             return defer.fail(UnauthorizedLogin(_UNAUTHORIZED))
-        fingerprint = hashlib.sha256(username.encode("utf-8", "surrogatepass")).hexdigest()
         return defer.succeed(
             Account(
-                name="passthrough-" + fingerprint[:12],
+                name="passthrough-" + login_fingerprint(username),
                 route=self._route,
                 provider_settings=MappingProxyType({self.provider: MappingProxyType(settings)}),
                 allowed_senders=self._allowed_senders,

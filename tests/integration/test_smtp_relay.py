@@ -53,6 +53,12 @@ MESSAGE = (
 FORWARDED = MESSAGE.replace(b"Bcc: dave.hidden@example.com\r\n", b"").replace(b"X-Mailgate-Tag: relay-test\r\n", b"")
 
 
+@pytest.fixture(autouse=True)
+def api_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The front's webhook provider reads its token from the environment (conftest.write_config)."""
+    monkeypatch.setenv("MAILGATE_TEST_API_TOKEN", "unused")
+
+
 @pytest.fixture
 def relay_ca(tmp_path: Path) -> dict[str, Path]:
     """One CA; a certificate for the loopback names and one for another name only."""
@@ -131,7 +137,19 @@ async def front_mailgate(
             yield gateway
 
 
+def upstream_with(tmp_path: Path, relay_ca: dict[str, Path], cert: str = "good") -> Any:
+    """The upstream mailgate serving the ``good`` (loopback names) or ``wrong`` certificate."""
+    return upstream_mailgate(tmp_path / "up", relay_ca[f"{cert}-chain"], relay_ca[f"{cert}-key"], relay_ca["ca"])
+
+
+async def relay_once(tmp_path: Path, tls_files: tuple[Path, Path, Path], relay: str, name: str = "front") -> Any:
+    """Send MESSAGE once through a front mailgate whose relay provider has ``relay`` settings."""
+    async with front_mailgate(tmp_path / name, tls_files, relay) as front:
+        return await send(front)
+
+
 def mailgate_relay(upstream: Gateway, ca: Path, role: str = "submission", **overrides: Any) -> str:
+    """Settings for the upstream mailgate; an override of None leaves that setting out."""
     settings: dict[str, Any] = {
         "host": "127.0.0.1",
         "port": upstream.ports[role],
@@ -143,7 +161,7 @@ def mailgate_relay(upstream: Gateway, ca: Path, role: str = "submission", **over
         "command_timeout": 30,
     }
     settings.update(overrides)
-    return "\n".join(f"{key} = {json.dumps(value)}" for key, value in settings.items())
+    return "\n".join(f"{key} = {json.dumps(value)}" for key, value in settings.items() if value is not None)
 
 
 def sink_relay(sink: Sink, **overrides: Any) -> str:
@@ -159,13 +177,12 @@ async def send(front: Gateway, role: str = "submissions", message: bytes = MESSA
 @pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("upstream_role", ["submission", "submissions"])
 async def test_end_to_end_through_a_tls_upstream(
-    tmp_path: Path, tls_files: tuple[Path, Path, Path], relay_ca: dict[str, Path], monkeypatch: pytest.MonkeyPatch, upstream_role: str
+    tmp_path: Path, tls_files: tuple[Path, Path, Path], relay_ca: dict[str, Path], upstream_role: str
 ) -> None:
     """smtplib over TLS -> mailgate -> STARTTLS (or implicit TLS) + AUTH -> upstream mailgate:
     the Bcc recipient arrives, the Bcc and control headers do not, and the client's 250
     carries the upstream's message id."""
-    monkeypatch.setenv("MAILGATE_TEST_API_TOKEN", "unused")
-    async with upstream_mailgate(tmp_path / "up", relay_ca["good-chain"], relay_ca["good-key"], relay_ca["ca"]) as upstream:
+    async with upstream_with(tmp_path, relay_ca) as upstream:
         relay = mailgate_relay(upstream, relay_ca["ca"], upstream_role)
         async with front_mailgate(tmp_path / "front", tls_files, relay) as front:
             result = await send(front)
@@ -184,35 +201,31 @@ async def test_end_to_end_through_a_tls_upstream(
 
 @pytest_twisted.ensureDeferred
 async def test_certificate_for_another_name_is_refused(
-    tmp_path: Path, tls_files: tuple[Path, Path, Path], relay_ca: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tls_files: tuple[Path, Path, Path], relay_ca: dict[str, Path]
 ) -> None:
     """An upstream whose certificate does not name the configured host gets nothing: the
     client hears 451 4.7.5 with the reason, and no message reaches the upstream."""
-    monkeypatch.setenv("MAILGATE_TEST_API_TOKEN", "unused")
-    async with upstream_mailgate(tmp_path / "up", relay_ca["wrong-chain"], relay_ca["wrong-key"], relay_ca["ca"]) as upstream:
+    async with upstream_with(tmp_path, relay_ca, "wrong") as upstream:
         for role in ("submission", "submissions"):
-            relay = mailgate_relay(upstream, relay_ca["ca"], role)
-            async with front_mailgate(tmp_path / f"front-{role}", tls_files, relay) as front:
-                result = await send(front)
+            result = await relay_once(tmp_path, tls_files, mailgate_relay(upstream, relay_ca["ca"], role), role)
             stage = "STARTTLS" if role == "submission" else "greeting"
             assert (result.code, result.text) == (
                 451,
-                f"4.7.5 Temporary failure at relay: 127.0.0.1:{upstream.ports[role]} ({stage}): "
-                "the server's certificate is not valid for this host name",
+                (
+                    f"4.7.5 Temporary failure at relay: 127.0.0.1:{upstream.ports[role]} ({stage}): "
+                    "the server's certificate is not valid for this host name"
+                ),
             )
     assert captured(upstream) == []
 
 
 @pytest_twisted.ensureDeferred
 async def test_untrusted_ca_is_refused(
-    tmp_path: Path, tls_files: tuple[Path, Path, Path], relay_ca: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tls_files: tuple[Path, Path, Path], relay_ca: dict[str, Path]
 ) -> None:
     """Without ca_file the system CAs do not know the upstream's private CA: 451 4.7.5."""
-    monkeypatch.setenv("MAILGATE_TEST_API_TOKEN", "unused")
-    async with upstream_mailgate(tmp_path / "up", relay_ca["good-chain"], relay_ca["good-key"], relay_ca["ca"]) as upstream:
-        relay = mailgate_relay(upstream, relay_ca["ca"]).replace(f'ca_file = "{relay_ca["ca"]}"', "")
-        async with front_mailgate(tmp_path / "front", tls_files, relay) as front:
-            result = await send(front)
+    async with upstream_with(tmp_path, relay_ca) as upstream:
+        result = await relay_once(tmp_path, tls_files, mailgate_relay(upstream, relay_ca["ca"], ca_file=None))
     assert result.code == 451
     assert result.text.startswith("4.7.5 Temporary failure at relay: ")
     assert "TLS handshake failed: certificate verify failed" in result.text
@@ -221,35 +234,33 @@ async def test_untrusted_ca_is_refused(
 
 @pytest_twisted.ensureDeferred
 async def test_upstream_refuses_the_credentials(
-    tmp_path: Path, tls_files: tuple[Path, Path, Path], relay_ca: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tls_files: tuple[Path, Path, Path], relay_ca: dict[str, Path]
 ) -> None:
     """A wrong relay password is refused by the upstream with 535: the client hears 554 5.7.8."""
-    monkeypatch.setenv("MAILGATE_TEST_API_TOKEN", "unused")
-    async with upstream_mailgate(tmp_path / "up", relay_ca["good-chain"], relay_ca["good-key"], relay_ca["ca"]) as upstream:
+    async with upstream_with(tmp_path, relay_ca) as upstream:
         relay = mailgate_relay(upstream, relay_ca["ca"], password="wrong-relay-password")
-        async with front_mailgate(tmp_path / "front", tls_files, relay) as front:
-            result = await send(front)
+        result = await relay_once(tmp_path, tls_files, relay)
     assert (result.code, result.text) == (
         554,
-        f"5.7.8 Rejected by relay: 127.0.0.1:{upstream.ports['submission']} refused the credentials: "
-        "535 5.7.8 Authentication credentials invalid",
+        (
+            f"5.7.8 Rejected by relay: 127.0.0.1:{upstream.ports['submission']} refused the credentials: "
+            "535 5.7.8 Authentication credentials invalid"
+        ),
     )
     assert captured(upstream) == []
 
 
 @pytest_twisted.ensureDeferred
 async def test_passthrough_login_is_the_upstream_login(
-    tmp_path: Path, tls_files: tuple[Path, Path, Path], relay_ca: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tls_files: tuple[Path, Path, Path], relay_ca: dict[str, Path]
 ) -> None:
     """With the passthrough store the client's SMTP login is used for AUTH at the upstream."""
-    monkeypatch.setenv("MAILGATE_TEST_API_TOKEN", "unused")
-    async with upstream_mailgate(tmp_path / "up", relay_ca["good-chain"], relay_ca["good-key"], relay_ca["ca"]) as upstream:
+    async with upstream_with(tmp_path, relay_ca) as upstream:
         front_dir = tmp_path / "front"
         front_dir.mkdir()
         api = FakeEmailAPI()
         await api.start(reactor)
-        relay = mailgate_relay(upstream, relay_ca["ca"]).replace(f'username = "{RELAY_USER}"\n', "")
-        relay = relay.replace(f'password = "{RELAY_PASSWORD}"\n', "")
+        relay = mailgate_relay(upstream, relay_ca["ca"], username=None, password=None)
         config = write_config(front_dir, tls_files, api.url, extra=f'\n[providers.relay]\ntype = "smtp"\n{relay}\n')
         text = config.read_text().replace(
             'store = "file"\npath = "accounts.toml"',
@@ -285,10 +296,9 @@ def sink_message(dump: bytes) -> bytes:
 
 
 @pytest_twisted.ensureDeferred
-async def test_body_arrives_byte_for_byte(tmp_path: Path, tls_files: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_body_arrives_byte_for_byte(tmp_path: Path, tls_files: tuple[Path, Path, Path]) -> None:
     """Postfix's smtp-sink receives every envelope recipient and the message with only
     mailgate's Received header added and the Bcc/control fields removed; leading dots survive."""
-    monkeypatch.setenv("MAILGATE_TEST_API_TOKEN", "unused")
     with smtp_sink(tmp_path) as sink:
         async with front_mailgate(tmp_path / "front", tls_files, sink_relay(sink, helo="relay.mailgate.test")) as front:
             result = await send(front)
@@ -314,8 +324,10 @@ async def test_body_arrives_byte_for_byte(tmp_path: Path, tls_files: tuple[Path,
         (
             ["-f", "RCPT", "-B", "550 5.1.1 Recipient address rejected: User unknown"],
             550,
-            "5.1.1 Rejected by relay: {server} refused recipient bob@example.org: 550 5.1.1 Recipient address "
-            "rejected: User unknown (and 2 more recipients)",
+            (
+                "5.1.1 Rejected by relay: {server} refused recipient bob@example.org: 550 5.1.1 Recipient "
+                "address rejected: User unknown (and 2 more recipients)"
+            ),
             False,
         ),
     ],
@@ -324,7 +336,6 @@ async def test_body_arrives_byte_for_byte(tmp_path: Path, tls_files: tuple[Path,
 async def test_upstream_replies_reach_the_client(
     tmp_path: Path,
     tls_files: tuple[Path, Path, Path],
-    monkeypatch: pytest.MonkeyPatch,
     options: list[str],
     code: int,
     text: str,
@@ -332,7 +343,6 @@ async def test_upstream_replies_reach_the_client(
 ) -> None:
     """A 4xx from the upstream is 451 to the client, a 5xx is 550/554 with the upstream's
     enhanced code and text; a refused recipient means no DATA at all."""
-    monkeypatch.setenv("MAILGATE_TEST_API_TOKEN", "unused")
     with smtp_sink(tmp_path, options) as sink:
         async with front_mailgate(tmp_path / "front", tls_files, sink_relay(sink)) as front:
             result = await send(front)
@@ -343,9 +353,8 @@ async def test_upstream_replies_reach_the_client(
 
 
 @pytest_twisted.ensureDeferred
-async def test_unreachable_upstream_fails_over(tmp_path: Path, tls_files: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_unreachable_upstream_fails_over(tmp_path: Path, tls_files: tuple[Path, Path, Path]) -> None:
     """A refused connection sent nothing, so the next provider of the route delivers."""
-    monkeypatch.setenv("MAILGATE_TEST_API_TOKEN", "unused")
     with socket.socket() as held:  # bound, not listening: connections to it are refused
         held.bind(("127.0.0.1", 0))
         relay = f'host = "127.0.0.1"\nport = {held.getsockname()[1]}\ntls = "none"'
@@ -356,9 +365,8 @@ async def test_unreachable_upstream_fails_over(tmp_path: Path, tls_files: tuple[
 
 
 @pytest_twisted.ensureDeferred
-async def test_421_greeting_fails_over(tmp_path: Path, tls_files: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_421_greeting_fails_over(tmp_path: Path, tls_files: tuple[Path, Path, Path]) -> None:
     """An upstream that answers 421 and hangs up took nothing: the next provider delivers."""
-    monkeypatch.setenv("MAILGATE_TEST_API_TOKEN", "unused")
     with smtp_sink(tmp_path, ["-Q", "CONNECT"]) as sink:
         async with front_mailgate(tmp_path / "front", tls_files, sink_relay(sink), route="relay,api") as front:
             result = await send(front)
@@ -367,11 +375,10 @@ async def test_421_greeting_fails_over(tmp_path: Path, tls_files: tuple[Path, Pa
 
 @pytest_twisted.ensureDeferred
 async def test_no_reply_after_the_final_dot_is_ambiguous(
-    tmp_path: Path, tls_files: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tls_files: tuple[Path, Path, Path]
 ) -> None:
     """The upstream may have the message when it hangs up instead of answering the final
     dot: the client hears 451 and no other provider is tried (that could duplicate it)."""
-    monkeypatch.setenv("MAILGATE_TEST_API_TOKEN", "unused")
     with smtp_sink(tmp_path, ["-q", "."]) as sink:
         async with front_mailgate(tmp_path / "front", tls_files, sink_relay(sink), route="relay,api") as front:
             result = await send(front)
@@ -383,10 +390,9 @@ async def test_no_reply_after_the_final_dot_is_ambiguous(
 
 @pytest_twisted.ensureDeferred
 async def test_hang_up_before_the_final_dot_fails_over(
-    tmp_path: Path, tls_files: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tls_files: tuple[Path, Path, Path]
 ) -> None:
     """An upstream that hangs up at DATA has certainly not got the message: the next provider delivers."""
-    monkeypatch.setenv("MAILGATE_TEST_API_TOKEN", "unused")
     with smtp_sink(tmp_path, ["-q", "DATA"]) as sink:
         async with front_mailgate(tmp_path / "front", tls_files, sink_relay(sink), route="relay,api") as front:
             result = await send(front)
