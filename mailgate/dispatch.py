@@ -225,7 +225,8 @@ class Dispatcher:
         # A 429 is not counted: the API is up and asks us to slow down, often for
         # one API key only (passthrough logins each bring their own); the message
         # fails over, but one client's quota must not open the circuit for everyone.
-        if response is None or response.status != 429:
+        # Likewise an SMTP server's 4xx to one message (``concerns_message_only``).
+        if response is None or not response.concerns_message_only:
             if isinstance(outcome, Retry):
                 breaker.record_failure()
             else:

@@ -131,6 +131,18 @@ class SMTPResponse:
     detail: str = ""
     final_dot_sent: bool = False
 
+    @property
+    def concerns_message_only(self) -> bool:
+        """A 4xx to MAIL, RCPT, DATA or the final dot: the server is up and defers
+        this message (greylisting, a busy mailbox, a sender quota); the
+        dispatcher's circuit breaker does not count it against the server."""
+        return (
+            self.problem is None
+            and self.reply is not None
+            and self.stage not in SESSION_STAGES + (AUTH,)
+            and 400 <= self.reply.code < 500
+        )
+
 
 class RelayClient(ESMTPClient):
     """Sends one :class:`SMTPRequest` and fires :attr:`done` with an :class:`SMTPResponse`.

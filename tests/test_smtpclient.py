@@ -381,3 +381,21 @@ def test_enhanced_code_is_read_from_the_reply(reply: UpstreamReply, enhanced: st
 def test_reply_str_is_one_safe_line() -> None:
     """A multi-line reply with control characters prints as one sanitised line."""
     assert str(UpstreamReply(550, "5.7.1 first\nsecond\x1b[31m")) == "550 5.7.1 first second [31m"
+
+
+@pytest.mark.parametrize(
+    ("response", "message_only"),
+    [
+        (SMTPResponse("s", RCPT, UpstreamReply(450, "4.2.0 Mailbox busy")), True),
+        (SMTPResponse("s", MESSAGE, UpstreamReply(451, "4.7.1 Greylisted")), True),
+        (SMTPResponse("s", MAIL, UpstreamReply(452, "Too many messages")), True),
+        (SMTPResponse("s", GREETING, UpstreamReply(421, "4.3.2 Busy")), False),
+        (SMTPResponse("s", AUTH, UpstreamReply(454, "4.7.0 Try later")), False),
+        (SMTPResponse("s", MESSAGE, UpstreamReply(554, "5.7.1 Spam")), False),
+        (SMTPResponse("s", DATA, problem=TIMEOUT), False),
+    ],
+)
+def test_which_answers_spare_the_circuit_breaker(response: SMTPResponse, message_only: bool) -> None:
+    """A 4xx about one message shows the server up: the circuit breaker ignores it;
+    session refusals and connection problems count against the server."""
+    assert response.concerns_message_only is message_only

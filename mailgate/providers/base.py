@@ -46,6 +46,12 @@ class HTTPResponse:
     headers: tuple[tuple[str, str], ...]
     body: bytes
 
+    @property
+    def concerns_message_only(self) -> bool:
+        """A 429: the API is up and asks us to slow down, often for one API key
+        only; the dispatcher's circuit breaker does not count it (mailgate.circuit)."""
+        return self.status == 429
+
     def header(self, name: str) -> str | None:
         name = name.lower()
         for key, value in self.headers:
