@@ -48,6 +48,7 @@ from mailgate.interfaces import IProvider, ITransport
 from mailgate.model import OutboundEmail
 from mailgate.outcome import Delivered, Failed, Outcome, Retry
 from mailgate.providers.base import safe_message_id
+from mailgate.providers.mapping import setting
 from mailgate.providers.providertype import ProviderType
 from mailgate.smtpclient import (
     AUTH,
@@ -130,10 +131,6 @@ class SMTPProvider:
         self.name = name
         self.settings = settings
 
-    def _setting(self, account: Account, key: str) -> Any:
-        own = account.provider_settings.get(self.name, {})
-        return own.get(key, self.settings.get(key))
-
     def check(self, email: OutboundEmail, account: Account) -> Failed | None:
         """Only printable-ASCII envelope addresses can be relayed (mailgate does not offer SMTPUTF8)."""
         for address in (email.envelope_sender, *email.envelope_recipients):
@@ -149,8 +146,8 @@ class SMTPProvider:
                 sender=email.envelope_sender,
                 recipients=tuple(email.envelope_recipients),
                 body=email.raw,
-                username=self._setting(account, "username"),
-                password=self._setting(account, "password"),
+                username=setting(self.name, self.settings, account, "username"),
+                password=setting(self.name, self.settings, account, "password"),
             )
         ]
 
