@@ -34,6 +34,7 @@ from mailgate.admin import directory_writable
 from mailgate.build import build_account_store, check_accounts, check_passthrough, provider_settings
 from mailgate.config import Config, load_config
 from mailgate.configvalues import ConfigError
+from mailgate.providers.providertype import Accepted, no_probe
 from mailgate.tls import TLSConfigError, leaf_certificate, server_context_factory
 from mailgate.transports import APITimeout
 
@@ -142,8 +143,13 @@ async def check_provider(reactor: Any, http_client: Any, config: Config, name: s
     if config.accounts.store == "passthrough" and config.accounts.provider == name:
         return Verdict(SKIP, subject, "not probed: its credentials come from each SMTP login (passthrough)")
     probe = kind.probe(name, settings)
-    if probe is None:
+    if probe is None and kind.probe is no_probe:
         return Verdict(SKIP, subject, f"settings valid; not probed ({kind.name} offers no harmless API call)")
+    if probe is None:
+        return Verdict(
+            SKIP, subject, f"settings valid; not probed: providers.{name} holds no credentials "
+            "(each account brings its own)"
+        )  # fmt: skip
     host = urlsplit(probe.request.url).hostname or probe.request.url
     transport = kind.transport(settings, reactor, http_client, config.delivery.api_timeout)
     try:
@@ -152,9 +158,11 @@ async def check_provider(reactor: Any, http_client: Any, config: Config, name: s
         return Verdict(FAIL, subject, f"no answer from {host} within {config.delivery.api_timeout:g} s")
     except Exception as e:  # noqa: BLE001 - connection refused, DNS, TLS...: one line
         return Verdict(FAIL, subject, f"cannot reach {host}: {type(e).__name__}")
-    problem = probe.verdict(response)
-    if problem is not None:
-        return Verdict(FAIL, subject, f"{host}: {problem}")
+    answer = probe.verdict(response)
+    if isinstance(answer, Accepted):
+        return Verdict(WARN if answer.warning else OK, subject, f"{host}: {answer.detail}")
+    if answer is not None:
+        return Verdict(FAIL, subject, f"{host}: {answer}")
     return Verdict(OK, subject, f"{host} accepted the credentials (HTTP {response.status})")
 
 

@@ -50,7 +50,13 @@ from mailgate.model import OutboundEmail
 from mailgate.outcome import Delivered, Failed, Outcome
 from mailgate.providers.base import HTTPRequest, HTTPResponse, classify_http, json_request
 from mailgate.providers.mapping import bodies, check_limits, encoded_size, setting
-from mailgate.providers.providertype import ProviderType, require_url
+from mailgate.providers.providertype import (
+    Probe,
+    ProviderType,
+    has_settings,
+    probe_request,
+    require_url,
+)
 
 API_URL = "https://app.bentonow.com/api/v1"
 USER_AGENT = "mailgate/0.1"
@@ -115,9 +121,8 @@ class BentoProvider:
         def get(key: str) -> str:
             return str(setting(self.name, self.settings, account, key) or "")
 
-        basic = base64.b64encode(f"{get('publishable_key')}:{get('secret_key')}".encode()).decode("ascii")
-        url = f"{get('url').rstrip('/')}/batch/emails?site_uuid={quote(get('site_uuid'), safe='')}"
-        headers = [("User-Agent", USER_AGENT), ("Authorization", f"Basic {basic}")]
+        url = endpoint(get("url"), "/batch/emails", get("site_uuid"))
+        headers = [("User-Agent", USER_AGENT), authorization(get("publishable_key"), get("secret_key"))]
         return [json_request(self.name, "POST", url, email_payload(email), headers, message_id)]
 
     def classify(self, request: HTTPRequest, response: HTTPResponse) -> Outcome:
@@ -144,6 +149,29 @@ def _validate(name: str, settings: dict[str, Any]) -> None:
     require_url(name, settings, API_URL)
 
 
+def endpoint(base: str, path: str, site_uuid: str) -> str:
+    """``{base}{path}?site_uuid=...``: every Bento call names its site in the query."""
+    return f"{base.rstrip('/')}{path}?site_uuid={quote(site_uuid, safe='')}"
+
+
+def authorization(publishable_key: str, secret_key: str) -> tuple[str, str]:
+    """HTTP Basic with the publishable key as user and the secret key as password."""
+    basic = base64.b64encode(f"{publishable_key}:{secret_key}".encode()).decode("ascii")
+    return ("Authorization", f"Basic {basic}")
+
+
+def probe(name: str, settings: Mapping[str, Any]) -> Probe | None:
+    """``GET {url}/fetch/tags?site_uuid=...``: lists the site's tags and changes
+    nothing; it takes the same Basic credentials and site UUID as the Emails API
+    (https://bentonow.com/docs/api/conventions, "Authentication", which uses
+    this very call as its example)."""
+    if not has_settings(settings, *CREDENTIAL_SETTINGS):
+        return None
+    url = endpoint(str(settings["url"]), "/fetch/tags", str(settings["site_uuid"]))
+    headers = (("User-Agent", USER_AGENT), authorization(settings["publishable_key"], settings["secret_key"]))
+    return Probe(probe_request(name, url, *headers))
+
+
 PROVIDER = ProviderType(
     name="bento",
     adapter=BentoProvider,
@@ -151,4 +179,5 @@ PROVIDER = ProviderType(
     credential_settings=CREDENTIAL_SETTINGS,
     account_settings=CREDENTIAL_SETTINGS,
     validate=_validate,
+    probe=probe,
 )

@@ -74,7 +74,15 @@ from mailgate.providers.mapping import (
     split_recipients,
 )
 from mailgate.providers.multipart import FormFile, encode_form, random_boundary
-from mailgate.providers.providertype import ProviderType, require_url
+from mailgate.providers.providertype import (
+    Accepted,
+    Probe,
+    ProviderType,
+    credentials_verdict,
+    has_settings,
+    probe_request,
+    require_url,
+)
 from mailgate.providers.webhook import USER_AGENT
 
 REGION_URLS = {"us": "https://api.mailgun.net", "eu": "https://api.eu.mailgun.net"}
@@ -177,7 +185,6 @@ class MailgunProvider:
         domain = setting(self.name, self.settings, account, "domain")
         base = str(setting(self.name, self.settings, account, "url")).rstrip("/")
         url = f"{base}/v3/{quote(domain, safe='')}/messages"
-        basic = base64.b64encode(f"api:{api_key}".encode()).decode("ascii")
         copies = split_recipients(email)
         if len(copies) == 1:
             fields = form_fields(email, copies[0])
@@ -189,7 +196,7 @@ class MailgunProvider:
             ("Content-Type", content_type),
             ("Accept", "application/json"),
             ("User-Agent", USER_AGENT),
-            ("Authorization", f"Basic {basic}"),
+            authorization(api_key),
         )
         return [HTTPRequest("POST", url, headers, body, self.name, message_id)]
 
@@ -220,6 +227,45 @@ def classify_response(provider: str, response: HTTPResponse, queue_id: str) -> O
     return classify_http(provider, response, queue_id)
 
 
+def authorization(api_key: str) -> tuple[str, str]:
+    """HTTP Basic with the user ``api`` and the API key as password."""
+    basic = base64.b64encode(f"api:{api_key}".encode()).decode("ascii")
+    return ("Authorization", f"Basic {basic}")
+
+
+def probe(name: str, settings: Mapping[str, Any]) -> Probe | None:
+    """``GET {url}/v4/domains/{domain}``: reads the sending domain, changes nothing
+    ("Get domain details",
+    https://documentation.mailgun.com/docs/mailgun/api-reference/send/mailgun/domains/get-v4-domains--name-).
+    It shows at once that the key works, that the domain exists in the
+    configured region and whether Mailgun lets it send.  A domain sending key
+    may only send, so it is refused here (401) even though sending works."""
+    if not has_settings(settings, "api_key"):
+        return None
+    domain, region = str(settings["domain"]), str(settings.get("region", "us"))
+    url = f"{str(settings['url']).rstrip('/')}/v4/domains/{quote(domain, safe='')}"
+    request = probe_request(name, url, ("User-Agent", USER_AGENT), authorization(settings["api_key"]))
+
+    def verdict(response: HTTPResponse) -> str | Accepted | None:
+        if response.status == 404:
+            return f"Mailgun has no domain {domain} in the {region} region (HTTP 404): check domain and region"
+        problem = credentials_verdict(response)
+        if problem is not None:
+            if response.status == 401:
+                problem += " (a domain sending key only sends: probe with an account API key)"
+            return problem
+        data = response.json()
+        details = data.get("domain") if isinstance(data, dict) else None
+        state = details.get("state") if isinstance(details, dict) else None
+        if state == "disabled":
+            return f"the API key works, but Mailgun has disabled the domain {domain}"
+        if isinstance(state, str) and state != "active":
+            return Accepted(f"the API key works, but the domain {domain} is {state}: verify its DNS records", True)
+        return None
+
+    return Probe(request, verdict)
+
+
 def _validate(name: str, settings: dict[str, Any]) -> None:
     domain = settings.get("domain")
     if not isinstance(domain, str) or not _DOMAIN.fullmatch(domain):
@@ -241,4 +287,5 @@ PROVIDER = ProviderType(
     credential_settings=CREDENTIAL_SETTINGS,
     account_settings=ACCOUNT_SETTINGS,
     validate=_validate,
+    probe=probe,
 )

@@ -66,7 +66,13 @@ from mailgate.providers.mapping import (
     setting,
     split_recipients,
 )
-from mailgate.providers.providertype import ProviderType, require_url
+from mailgate.providers.providertype import (
+    Probe,
+    ProviderType,
+    has_settings,
+    probe_request,
+    require_url,
+)
 
 API_URL = "https://api.postmarkapp.com"
 USER_AGENT = "mailgate/0.1"
@@ -263,6 +269,19 @@ def _validate(name: str, settings: dict[str, Any]) -> None:
     require_url(name, settings, API_URL)
 
 
+def probe(name: str, settings: Mapping[str, Any]) -> Probe | None:
+    """``GET {url}/server`` with the server token: reads the server the token
+    belongs to and changes nothing ("Get the server",
+    https://postmarkapp.com/developer/api/server-api).  A bad token is 401 with
+    ``ErrorCode`` 10."""
+    if not has_settings(settings, "token"):
+        return None
+    url = str(settings["url"]).rstrip("/") + "/server"
+    return Probe(
+        probe_request(name, url, ("User-Agent", USER_AGENT), ("X-Postmark-Server-Token", settings["token"]))
+    )
+
+
 PROVIDER = ProviderType(
     name="postmark",
     adapter=PostmarkProvider,
@@ -270,4 +289,5 @@ PROVIDER = ProviderType(
     credential_settings=CREDENTIAL_SETTINGS,
     account_settings=CREDENTIAL_SETTINGS,
     validate=_validate,
+    probe=probe,
 )

@@ -42,15 +42,45 @@ def require_url(name: str, settings: dict[str, Any], default: str | None = None)
         raise ConfigError(f"providers.{name}.url", "required: the http(s) URL of the API")
 
 
-def credentials_verdict(response: HTTPResponse) -> str | None:
+@dataclass(frozen=True)
+class Accepted:
+    """A probe answer that shows the credentials work, with something to add.
+
+    ``detail`` is printed instead of the plain "accepted the credentials"; with
+    ``warning`` the verdict is WARN (the account needs attention, for example
+    an Amazon SES account still in the sandbox) rather than OK.
+    """
+
+    detail: str
+    warning: bool = False
+
+
+def credentials_verdict(response: HTTPResponse, detail: str | None = None) -> str | None:
     """The usual reading of a probe's answer: None (the credentials work) for 2xx,
-    else one line saying what is wrong, with the API's own explanation."""
-    if 200 <= response.status < 300:
+    else one line saying what is wrong, with the API's own explanation
+    (``detail``, by default read from the body by :func:`error_text`)."""
+    status = response.status
+    if 200 <= status < 300:
         return None
-    detail = error_text(response)
-    if response.status in (401, 403):
-        return f"the API refused the credentials (HTTP {response.status}): {detail}"
-    return f"unexpected answer (HTTP {response.status}): {detail}"
+    detail = detail or error_text(response)
+    if status in (401, 403):
+        return f"the API refused the credentials (HTTP {status}): {detail}"
+    if 300 <= status < 400 or status in (404, 405):
+        return f"the API has no such endpoint (HTTP {status}): check the provider's url: {detail}"
+    if status == 429 or status >= 500:
+        return f"the API is unavailable right now (HTTP {status}), try again: {detail}"
+    return f"unexpected answer (HTTP {status}): {detail}"
+
+
+def probe_request(name: str, url: str, *headers: tuple[str, str]) -> HTTPRequest:
+    """A probe's ``GET url``: no body, a JSON answer wanted."""
+    return HTTPRequest("GET", url, (("Accept", "application/json"), *headers), b"", name)
+
+
+def has_settings(settings: Mapping[str, Any], *keys: str) -> bool:
+    """True when every key is set: a probe needs the server's own credentials, and
+    without them (each account brings its own) there is nothing to probe with."""
+    return all(settings.get(key) for key in keys)
 
 
 @dataclass(frozen=True)
@@ -59,17 +89,22 @@ class Probe:
 
     ``mailgate check`` sends ``request`` through the provider's own transport
     (so an SMTP or SES provider probes its own way) and reads the answer with
-    ``verdict``: None when all is well, else a one-line reason that never
-    repeats a secret.  The request must change nothing at the provider: read
+    ``verdict``: None when all is well, :class:`Accepted` when the credentials
+    work and there is more to say, else a one-line reason that never repeats a
+    secret.  The request must change nothing at the provider: read
     the account, the sending domain or the quota; never send an email.
     """
 
     request: HTTPRequest
-    verdict: Callable[[HTTPResponse], str | None] = credentials_verdict
+    verdict: Callable[[HTTPResponse], str | Accepted | None] = credentials_verdict
 
 
 def no_probe(name: str, settings: Mapping[str, Any]) -> Probe | None:
-    """The default: the API offers no harmless call, so ``mailgate check`` says "not probed"."""
+    """The default: the API offers no harmless call, so ``mailgate check`` says "not probed".
+
+    A provider type that has a probe returns None from it only when the server
+    configuration holds no credentials to probe with (accounts bring their own).
+    """
     return None
 
 

@@ -66,7 +66,15 @@ from mailgate.providers.mapping import (
     setting,
     split_recipients,
 )
-from mailgate.providers.providertype import ProviderType, require_url
+from mailgate.providers.providertype import (
+    Accepted,
+    Probe,
+    ProviderType,
+    credentials_verdict,
+    has_settings,
+    probe_request,
+    require_url,
+)
 from mailgate.providers.tagpairs import tag_pairs
 from mailgate.providers.webhook import USER_AGENT
 
@@ -247,6 +255,31 @@ def _validate(name: str, settings: dict[str, Any]) -> None:
     require_url(name, settings, API_URL)
 
 
+def probe(name: str, settings: Mapping[str, Any]) -> Probe | None:
+    """``GET {url}/domains``: lists the account's domains, changes nothing
+    (https://resend.com/docs/api-reference/domains/list-domains).
+
+    A key with "Sending access" only is refused there with 401
+    ``restricted_api_key`` ("This API key is restricted to only send emails",
+    https://resend.com/docs/api-reference/errors): Resend recognised the key,
+    so the credentials are good, but what it may send is not probed."""
+    if not has_settings(settings, "api_key"):
+        return None
+    url = str(settings["url"]).rstrip("/") + "/domains"
+    headers = (("User-Agent", USER_AGENT), ("Authorization", f"Bearer {settings['api_key']}"))
+    return Probe(probe_request(name, url, *headers), domains_verdict)
+
+
+def domains_verdict(response: HTTPResponse) -> str | Accepted | None:
+    data = response.json()
+    if response.status == 401 and isinstance(data, dict) and data.get("name") == "restricted_api_key":
+        return Accepted(
+            "the API key is valid and restricted to sending (restricted_api_key); "
+            "not probed further: Resend lets such a key call nothing but send"
+        )
+    return credentials_verdict(response)
+
+
 PROVIDER = ProviderType(
     name="resend",
     adapter=ResendProvider,
@@ -254,4 +287,5 @@ PROVIDER = ProviderType(
     credential_settings=CREDENTIAL_SETTINGS,
     account_settings=CREDENTIAL_SETTINGS,
     validate=_validate,
+    probe=probe,
 )

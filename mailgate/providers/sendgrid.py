@@ -65,7 +65,14 @@ from mailgate.providers.mapping import (
     setting,
     split_recipients,
 )
-from mailgate.providers.providertype import ProviderType, require_url
+from mailgate.providers.providertype import (
+    Probe,
+    ProviderType,
+    credentials_verdict,
+    has_settings,
+    probe_request,
+    require_url,
+)
 
 API_URL = "https://api.sendgrid.com"
 USER_AGENT = "mailgate/0.1"
@@ -75,6 +82,7 @@ MAX_CATEGORIES = 10
 MAX_CATEGORY_LENGTH = 255
 SETTINGS = ("url", "api_key")
 CREDENTIAL_SETTINGS = ("api_key",)
+MAIL_SEND_SCOPE = "mail.send"
 # Headers SendGrid refuses in ``headers`` (it sets them from other fields).
 RESERVED_HEADERS = frozenset(
     {
@@ -278,6 +286,31 @@ def _validate(name: str, settings: dict[str, Any]) -> None:
     require_url(name, settings, API_URL)
 
 
+def probe(name: str, settings: Mapping[str, Any]) -> Probe | None:
+    """``GET {url}/v3/scopes``: the permissions of the key making the call, read
+    only ("Retrieve a list of scopes for which this user has access",
+    https://www.twilio.com/docs/sendgrid/api-reference/api-key-permissions/retrieve-a-list-of-scopes-for-which-this-user-has-access).
+    Every key may call it, so it also shows whether the key may send at all."""
+    if not has_settings(settings, "api_key"):
+        return None
+    url = str(settings["url"]).rstrip("/") + "/v3/scopes"
+    headers = (("User-Agent", USER_AGENT), ("Authorization", f"Bearer {settings['api_key']}"))
+    return Probe(probe_request(name, url, *headers), scopes_verdict)
+
+
+def scopes_verdict(response: HTTPResponse) -> str | None:
+    """Accepted keys must hold the ``mail.send`` scope (a key restricted to other
+    parts of the API is valid and still cannot send a single message)."""
+    problem = credentials_verdict(response)
+    if problem is not None:
+        return problem
+    data = response.json()
+    scopes = data.get("scopes") if isinstance(data, dict) else None
+    if isinstance(scopes, list) and MAIL_SEND_SCOPE not in scopes:
+        return f"the API key is valid but lacks the Mail Send permission ({MAIL_SEND_SCOPE}): it cannot send"
+    return None
+
+
 PROVIDER = ProviderType(
     name="sendgrid",
     adapter=SendGridProvider,
@@ -285,4 +318,5 @@ PROVIDER = ProviderType(
     credential_settings=CREDENTIAL_SETTINGS,
     account_settings=CREDENTIAL_SETTINGS,
     validate=_validate,
+    probe=probe,
 )

@@ -62,12 +62,21 @@ from mailgate.providers.base import (
     safe_message_id,
 )
 from mailgate.providers.mapping import check_limits, setting, split_recipients
-from mailgate.providers.providertype import ProviderType, require_url
+from mailgate.providers.providertype import (
+    Accepted,
+    Probe,
+    ProviderType,
+    credentials_verdict,
+    has_settings,
+    probe_request,
+    require_url,
+)
 from mailgate.providers.tagpairs import tag_pairs
 from mailgate.providers.webhook import USER_AGENT
 from mailgate.sevenbit import to_seven_bit
 
 PATH = "/v2/email/outbound-emails"
+ACCOUNT_PATH = "/v2/email/account"
 SIGNING_SERVICE = "ses"
 MAX_RECIPIENTS = 50
 MAX_SIZE = 40 * 1000 * 1000
@@ -142,6 +151,8 @@ def aws_error(response: HTTPResponse) -> tuple[str, str]:
     message = data.get("message") or data.get("Message") or ""
     if not isinstance(message, str):
         message = ""
+    if code == "InvalidSignatureException" and message.startswith("Signature expired"):
+        code = "RequestExpired"  # clock skew, not bad credentials
     return code, message
 
 
@@ -152,8 +163,6 @@ def classify_response(provider: str, response: HTTPResponse, queue_id: str) -> O
         message_id = data.get("MessageId") if isinstance(data, dict) else None
         return Delivered(provider, safe_message_id(message_id, queue_id))
     code, message = aws_error(response)
-    if code == "InvalidSignatureException" and message.startswith("Signature expired"):
-        code = "RequestExpired"  # clock skew, not bad credentials
     known = ERRORS.get(code)
     if known is None or response.status >= 500:
         return classify_http(provider, response, queue_id)
@@ -313,6 +322,50 @@ def _signer_class() -> type:
     return ClockedSigV4Auth
 
 
+def probe(name: str, settings: Mapping[str, Any], clock: Callable[[], float] = time.time) -> Probe | None:
+    """``GET {url}/v2/email/account``, signed like a send: reads the account's
+    sending status in the region, changes nothing
+    (https://docs.aws.amazon.com/ses/latest/APIReference-V2/API_GetAccount.html).
+
+    Paused sending fails the check; an account still in the sandbox (it may
+    send only to verified addresses) is a warning.  ``AccessDeniedException``
+    means AWS accepted the signature but the IAM policy does not grant
+    ``ses:GetAccount``, as a send-only policy does not: the credentials work,
+    what they may send is not probed."""
+    if not has_settings(settings, "access_key_id", "secret_access_key"):
+        return None
+    url = str(settings["url"]).rstrip("/") + ACCOUNT_PATH
+    unsigned = probe_request(name, url)
+    request = SESProvider(name, settings, clock).sign(unsigned, Account(name=""))
+    region = settings["region"]
+
+    def verdict(response: HTTPResponse) -> str | Accepted | None:
+        if not 200 <= response.status < 300:
+            code, message = aws_error(response)
+            if code == "AccessDeniedException":
+                return Accepted(
+                    "AWS accepted the credentials; their IAM policy does not allow "
+                    "ses:GetAccount, so the account's sending status is not probed"
+                )
+            if code == "RequestExpired":
+                return f"Amazon SES refused the request time ({code}): check this host's clock"
+            return credentials_verdict(response, ": ".join(part for part in (code, message) if part))
+        data = response.json()
+        if not isinstance(data, dict):
+            data = {}
+        if data.get("SendingEnabled") is False:
+            return f"the credentials work, but sending is paused for this Amazon SES account in {region}"
+        if data.get("ProductionAccessEnabled") is False:
+            return Accepted(
+                f"the credentials work; the account is in the SES sandbox in {region}: "
+                "it sends only to verified addresses",
+                warning=True,
+            )
+        return None
+
+    return Probe(request, verdict)
+
+
 def _validate(name: str, settings: dict[str, Any]) -> None:
     try:
         _signer_class()
@@ -336,4 +389,5 @@ PROVIDER = ProviderType(
     credential_settings=CREDENTIAL_SETTINGS,
     account_settings=ACCOUNT_SETTINGS,
     validate=_validate,
+    probe=probe,
 )

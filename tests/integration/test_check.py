@@ -23,6 +23,7 @@ from mailgate.providers.providertype import Probe
 from mailgate.testing import FakeEmailAPI, ScriptedResponse
 from mailgate.transports import make_http_client
 
+from ..sigv4_check import expected_signature, parse_authorization
 from .test_twistd import run_env
 
 TEST_TOKEN = "test-probe-token-not-a-secret"
@@ -236,3 +237,116 @@ def test_command_exit_status_and_output(tmp_path: Path) -> None:
     for completed in (good, bad, missing):
         assert "Traceback" not in completed.stdout + completed.stderr
         assert TEST_TOKEN not in completed.stdout + completed.stderr
+
+
+# Fixtures, not secrets (the SES pair is AWS's documented example).
+POSTMARK_TOKEN = "test-postmark-probe-token"
+SES_KEY_ID, SES_SECRET = "AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
+
+
+def probed_providers(url: str) -> str:
+    return f"""
+[providers.pm]
+type = "postmark"
+url = "{url}"
+token = "{POSTMARK_TOKEN}"
+
+[providers.aws]
+type = "ses"
+url = "{url}"
+region = "eu-west-1"
+access_key_id = "{SES_KEY_ID}"
+secret_access_key = "{SES_SECRET}"
+"""
+
+
+async def run_check_command(path: Path) -> tuple[int, str]:
+    """``mailgate check`` as a separate process, without blocking this reactor (the fake API runs on it)."""
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    out, err, code = await getProcessOutputAndValue(
+        sys.executable, ["-m", "mailgate.cli", "check", "--config", str(path)], env=run_env(), path=str(path.parent)
+    )
+    return code, (out + err).decode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_postmark_and_ses_probes_against_a_fake_api(tmp_path: Path) -> None:
+    """`mailgate check` asks Postmark for its server and SES for its account, authenticated
+    as a send would be (SES signature checked independently); accepted credentials are OK
+    and exit 0, refused ones are FAIL lines with the API's reason and exit 1; no secret printed."""
+    write_files(tmp_path)
+    api = FakeEmailAPI()
+    await api.start(reactor)
+    try:
+        path = write_config(tmp_path, extra=probed_providers(api.url))
+        api.respond(
+            ScriptedResponse(200, {"ID": 1, "Name": "Production"}),
+            ScriptedResponse(200, {"SendingEnabled": True, "ProductionAccessEnabled": True}),
+        )
+        good_status, good = await run_check_command(path)
+        api.respond(
+            ScriptedResponse(401, {"ErrorCode": 10, "Message": "Request does not contain a valid Server token."}),
+            ScriptedResponse(
+                403,
+                {"message": "The security token included in the request is invalid."},
+                (("x-amzn-ErrorType", "UnrecognizedClientException:http://internal.amazon.com/"),),
+            ),
+        )
+        bad_status, bad = await run_check_command(path)
+        api.assert_script_consumed()
+    finally:
+        await api.stop()
+    assert good_status == 0, good
+    assert good.splitlines()[-3:] == [
+        "OK   provider pm: 127.0.0.1 accepted the credentials (HTTP 200)",
+        "OK   provider aws: 127.0.0.1 accepted the credentials (HTTP 200)",
+        "mailgate check: 0 failed, 0 warnings, 8 checks",
+    ]
+    assert bad_status == 1, bad
+    assert bad.splitlines()[-3:] == [
+        (
+            "FAIL provider pm: 127.0.0.1: the API refused the credentials (HTTP 401): "
+            "Request does not contain a valid Server token."
+        ),
+        (
+            "FAIL provider aws: 127.0.0.1: the API refused the credentials (HTTP 403): "
+            "UnrecognizedClientException: The security token included in the request is invalid."
+        ),
+        "mailgate check: 2 failed, 0 warnings, 8 checks",
+    ]
+    postmark, ses = api.requests[:2]
+    assert [(r.method, r.path) for r in api.requests] == [("GET", "/server"), ("GET", "/v2/email/account")] * 2
+    assert (postmark.method, postmark.path, postmark.headers["x-postmark-server-token"]) == ("GET", "/server", POSTMARK_TOKEN)
+    assert (ses.method, ses.path, ses.body) == ("GET", "/v2/email/account", b"")
+    signature = parse_authorization(ses.headers["authorization"])
+    assert (signature["key"], signature["region"], signature["service"]) == (SES_KEY_ID, "eu-west-1", "ses")
+    assert signature["signature"] == expected_signature("GET", "/v2/email/account", ses.headers, b"", SES_SECRET)
+    for output in (good, bad):
+        assert "Traceback" not in output
+        assert POSTMARK_TOKEN not in output and SES_SECRET not in output
+
+
+@pytest_twisted.ensureDeferred
+async def test_probe_warnings_and_notes(tmp_path: Path) -> None:
+    """An SES account in the sandbox is a WARN line (exit 0); Postmark unavailable is a FAIL."""
+    write_files(tmp_path)
+    api = FakeEmailAPI()
+    await api.start(reactor)
+    try:
+        api.respond(
+            ScriptedResponse(503, b"Service Unavailable"),
+            ScriptedResponse(200, {"SendingEnabled": True, "ProductionAccessEnabled": False}),
+        )
+        lines, status = await check(write_config(tmp_path, extra=probed_providers(api.url)))
+        api.assert_script_consumed()
+    finally:
+        await api.stop()
+    assert lines[-2:] == [
+        "FAIL provider pm: 127.0.0.1: the API is unavailable right now (HTTP 503), try again: Service Unavailable",
+        (
+            "WARN provider aws: 127.0.0.1: the credentials work; the account is in the SES sandbox in eu-west-1: "
+            "it sends only to verified addresses"
+        ),
+    ]
+    assert status == 1
