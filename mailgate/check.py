@@ -104,6 +104,8 @@ def check_account_store(config: Config) -> Verdict:
         return Verdict(FAIL, "accounts", str(e))
     except OSError as e:
         return Verdict(FAIL, "accounts", f"{e.strerror or e}: {e.filename}")
+    except Exception as e:  # noqa: BLE001 - e.g. an accounts file that is not UTF-8: one line, and the other checks still run
+        return Verdict(FAIL, "accounts", f"{config.accounts.path}: {type(e).__name__}: {e}")
     if config.accounts.store == "passthrough":
         return Verdict(OK, "accounts", f"passthrough: SMTP logins are {config.accounts.provider}'s credentials")
     listing = getattr(store, "accounts", lambda: ())()

@@ -88,6 +88,11 @@ class Reloader:
         except OSError as e:
             where = f": {e.filename}" if e.filename else ""
             return self._refused(f"{e.strerror or e}{where}")
+        except Exception as e:  # noqa: BLE001 - whatever went wrong, the running configuration stays
+            # (an accounts file that is not UTF-8 raises UnicodeDecodeError, for one):
+            # refused and counted like any other bad configuration, never an
+            # unhandled error out of the signal's reactor call.
+            return self._refused(f"{type(e).__name__}: {e}")
         # Nothing below can fail: the swap is all or nothing.
         self.tls.adopt(parts.tls)
         self.checker.store = parts.store

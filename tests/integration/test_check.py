@@ -350,3 +350,13 @@ async def test_probe_warnings_and_notes(tmp_path: Path) -> None:
         ),
     ]
     assert status == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_accounts_file_that_is_not_utf8_fails_one_line(tmp_path: Path) -> None:
+    """An accounts file that is not UTF-8 is one FAIL line naming the file; the checks after it still run."""
+    write_files(tmp_path)
+    (tmp_path / "accounts.toml").write_bytes('[accounts.zoë]\npassword = "x"\n'.encode("latin-1"))
+    lines, status = await check(write_config(tmp_path))
+    assert lines[3].startswith(f"FAIL accounts: {tmp_path}/accounts.toml: UnicodeDecodeError: 'utf-8' codec")
+    assert len(lines) == 6 and status == 1

@@ -162,3 +162,18 @@ async def test_listener_changes_need_a_restart(gateway: Gateway) -> None:
     assert gateway.service.reloader.running.limits.max_recipients == 50
     reloaded = [line for line in lines if line.startswith("configuration reloaded")]
     assert reloaded == [f"configuration reloaded: certificate {gateway.tmp}/fullchain.pem, accounts file, providers api"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_accounts_file_that_is_not_utf8_is_refused(gateway: Gateway, logged_errors: Any) -> None:
+    """An accounts file saved in Latin-1 raises UnicodeDecodeError, not a ConfigError: the
+    reload is still refused in one logged line and counted, and the old accounts stay."""
+    (gateway.tmp / "accounts.toml").write_bytes('[accounts.zoë]\npassword = "x"\n'.encode("latin-1"))
+    assert refused_reload(gateway, logged_errors).startswith(
+        "reload refused, the running configuration stays in use: UnicodeDecodeError: 'utf-8' codec can't decode"
+    )
+    assert gateway.service.reloader.metrics.reloads.labels("failure")._value.get() == 1
+    client, _ = await threads.deferToThread(
+        open_session, gateway.ports["submission"], gateway.ssl_context(), "alice", PASSWORDS["alice"]
+    )
+    await threads.deferToThread(client.quit)
