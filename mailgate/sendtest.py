@@ -224,7 +224,12 @@ def send_test(
             code, text = client.connect(target.host, target.port)
         except (OSError, smtplib.SMTPException) as e:
             raise SendTestError(f"cannot connect to {target.host}:{target.port}: {_reason(e)}") from None
-        result = _converse(client, code, text, listener, user, password, sender, recipient, config)
+        try:
+            result = _converse(client, code, text, listener, user, password, sender, recipient, config)
+        except smtplib.SMTPResponseException as e:
+            # smtplib raises for some refusals (STARTTLS 454, AUTH 535, DATA 554...):
+            # the server's reply is the result, like any other refusal.
+            result = _result(client, e.smtp_code, e.smtp_error)
     except (ssl.SSLError, ssl.CertificateError) as e:
         raise SendTestError(f"TLS with {target.host}:{target.port} failed: {_reason(e)}") from None
     except (OSError, smtplib.SMTPServerDisconnected) as e:
@@ -232,6 +237,10 @@ def send_test(
     finally:
         client.close()
     return result
+
+
+def _result(client: DialogueSMTP, code: int, text: bytes) -> Result:
+    return Result(code, text.decode("utf-8", "replace").replace("\n", " "), client.dialogue.lines)
 
 
 def _reason(error: BaseException) -> str:
@@ -243,7 +252,7 @@ def _converse(
     user: str | None, password: str | None, sender: str, recipient: str, config: Config,
 ) -> Result:  # fmt: skip
     def result(code: int, text: bytes) -> Result:
-        return Result(code, text.decode("utf-8", "replace").replace("\n", " "), client.dialogue.lines)
+        return _result(client, code, text)
 
     if code != 220:
         return result(code, text)
@@ -269,20 +278,18 @@ def _converse(
             return result(code, b"no AUTH mechanism mailgate send-test knows is offered")
         client.user, client.password = user, password or ""
         respond = getattr(client, "auth_" + mechanism.lower().replace("-", "_"))
-        try:
-            code, text = client.auth(mechanism, respond, initial_response_ok=mechanism == "PLAIN")
-        except smtplib.SMTPAuthenticationError as e:
-            return result(e.smtp_code, e.smtp_error)
+        # smtplib raises for most refusals but returns a 503 answer: either way,
+        # anything but 235 means the test is not logged in and stops here.
+        code, text = client.auth(mechanism, respond, initial_response_ok=mechanism == "PLAIN")
+        if code != 235:
+            return result(code, text)
     code, text = client.mail(sender)
     if code != 250:
         return result(code, text)
     code, text = client.rcpt(recipient)
     if code not in (250, 251):
         return result(code, text)
-    try:
-        code, text = client.data(test_message(config, sender, recipient, listener.role))
-    except smtplib.SMTPDataError as e:
-        return result(e.smtp_code, e.smtp_error)
+    code, text = client.data(test_message(config, sender, recipient, listener.role))
     final = result(code, text)
     try:
         client.quit()

@@ -8,15 +8,20 @@ import base64
 import re
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import threads
+from twisted.internet import reactor, threads
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
+from twisted.internet.protocol import Factory
+from twisted.protocols.basic import LineReceiver
 
 from mailgate.cli import main as cli_main
-from mailgate.config import ListenerConfig
+from mailgate.config import ListenerConfig, load_config
 from mailgate.sendtest import Dialogue, SendTestError, Target, listener_target
 from mailgate.testing import ScriptedResponse
+from mailgate.tls import server_context_factory
 
 from .conftest import PASSWORDS, Gateway
 
@@ -167,3 +172,94 @@ def test_dialogue_redacts_every_auth_step() -> None:
         "S: 235 2.7.0 Authentication successful", "C: DATA", "S: 354 End data with <CR><LF>.<CR><LF>",
         "C: <message, 23 octets>", "S: 250-2.0.0 Ok: id-1", "S: 250 second line",
     ]  # fmt: skip
+
+
+class ScriptedSMTP(LineReceiver):
+    """A server that answers each command from a script (command word -> reply lines)."""
+
+    delimiter = b"\r\n"
+
+    def __init__(self, script: dict[str, str]):
+        self.script = script
+        self.in_data = False
+        self.commands: list[str] = []
+
+    def connectionMade(self) -> None:
+        self.sendLine(b"220 localhost scripted ESMTP")
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.in_data:
+            if line == b".":
+                self.in_data = False
+                self.sendLine(self.script["."].encode())
+            return
+        verb = line.split(b" ", 1)[0].decode().upper()
+        self.commands.append(verb)
+        if verb == "QUIT":
+            self.sendLine(b"221 bye")
+            self.transport.loseConnection()
+            return
+        self.in_data = verb == "DATA"
+        self.sendLine(self.script.get(verb, "500 5.5.2 unknown").encode())
+
+
+async def scripted_server(script: dict[str, str], endpoint: Any) -> tuple[Any, list[ScriptedSMTP]]:
+    sessions: list[ScriptedSMTP] = []
+
+    def build(addr: Any) -> ScriptedSMTP:
+        sessions.append(ScriptedSMTP(script))
+        return sessions[-1]
+
+    factory = Factory.forProtocol(ScriptedSMTP)
+    factory.buildProtocol = build  # type: ignore[method-assign]
+    port = await endpoint.listen(factory)
+    return port, sessions
+
+
+def listener_index(gateway: Gateway, role: str) -> str:
+    roles = [listener.role for listener in load_config(gateway.tmp / "mailgate.toml").listeners]
+    return str(roles.index(role))
+
+
+@pytest_twisted.ensureDeferred
+async def test_starttls_refused_is_the_servers_reply(gateway: Gateway, capsys: pytest.CaptureFixture[str]) -> None:
+    """A server that refuses STARTTLS (454) gets that reply printed and exit 1, like any
+    other refusal; not an "unexpected error"."""
+    port, sessions = await scripted_server(
+        {"EHLO": "250-localhost\r\n250 STARTTLS", "STARTTLS": "454 4.7.0 TLS not available due to temporary reason"},
+        TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),
+    )
+    try:
+        status, out, err = await send_test(
+            capsys, "--config", str(gateway.tmp / "mailgate.toml"), "--listener", listener_index(gateway, "submission"),
+            "--server", f"127.0.0.1:{port.getHost().port}", "--to", "b@example.org",
+        )  # fmt: skip
+    finally:
+        await port.stopListening()
+    assert (status, out, err) == (1, "454 4.7.0 TLS not available due to temporary reason\n", "")
+    assert sessions[0].commands[:2] == ["EHLO", "STARTTLS"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_auth_answered_503_stops_the_test(gateway: Gateway, capsys: pytest.CaptureFixture[str]) -> None:
+    """AUTH answered 503 (smtplib returns it instead of raising) did not log in: the test
+    stops there with that reply and exit 1, instead of sending unauthenticated and
+    reporting success."""
+    chain, key = gateway.tmp / "fullchain.pem", gateway.tmp / "privkey.pem"
+    port, sessions = await scripted_server(
+        {
+            "EHLO": "250-localhost\r\n250 AUTH PLAIN", "AUTH": "503 5.5.1 Bad sequence of commands",
+            "MAIL": "250 2.1.0 Ok", "RCPT": "250 2.1.5 Ok", "DATA": "354 go ahead", ".": "250 2.0.0 Ok: queued",
+        },
+        SSL4ServerEndpoint(reactor, 0, server_context_factory(chain, key), interface="127.0.0.1"),
+    )  # fmt: skip
+    try:
+        status, out, err = await send_test(
+            capsys, "--config", str(gateway.tmp / "mailgate.toml"), "--listener", listener_index(gateway, "submissions"),
+            "--server", f"127.0.0.1:{port.getHost().port}", "--to", "b@example.org",
+            "--user", "alice", "--password-file", str(password_file(gateway)),
+        )  # fmt: skip
+    finally:
+        await port.stopListening()
+    assert (status, out, err) == (1, "503 5.5.1 Bad sequence of commands\n", "")
+    assert "MAIL" not in sessions[0].commands
