@@ -45,8 +45,8 @@ from zope.interface import implementer
 from mailgate.config import EventsConfig
 from mailgate.ids import new_queue_id
 from mailgate.interfaces import IEventSink, ITransport
-from mailgate.providers.base import HTTPRequest, HTTPResponse, parse_retry_after
-from mailgate.providers.webhook import USER_AGENT, signature
+from mailgate.providers.base import USER_AGENT, HTTPRequest, HTTPResponse, parse_retry_after
+from mailgate.providers.webhook import signature
 from mailgate.transports import TreqTransport
 
 SCHEMA = "mailgate.event.v1"

@@ -364,3 +364,12 @@ def test_empty_file_has_no_accounts(tmp_path: Path) -> None:
     store, _ = store_with(tmp_path, "")
     assert store.accounts() == ()
     assert result_of(store.authenticate_password("a", "b")).check(UnauthorizedLogin)
+
+
+def test_accounts_file_that_is_not_utf8(tmp_path: Path) -> None:
+    """A Latin-1 accounts file is a one-line ConfigError naming it, not a traceback."""
+    path = tmp_path / "accounts.toml"
+    path.write_bytes('# comptes à vérifier\n[accounts.a]\n'.encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        FileAccountStore(path)
+    assert str(info.value) == f"{path}: not valid TOML: the file is not UTF-8"

@@ -104,6 +104,8 @@ def load_accounts(path: Path) -> dict[str, AccountEntry]:
         raise ConfigError(source, f"cannot read accounts file: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(source, f"not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(source, "not valid TOML: the file is not UTF-8") from None
     unknown = set(data) - {"accounts"}
     if unknown:
         raise ConfigError(min(unknown), "unknown key (expected only [accounts.NAME] tables)",

@@ -17,6 +17,9 @@ from typing import Any
 
 from mailgate.outcome import Delivered, Failed, Outcome, Retry
 
+# Sent with every API request, so providers can tell mailgate's traffic apart.
+USER_AGENT = "mailgate/0.1"
+
 SENSITIVE_HEADERS = frozenset(
     {"authorization", "x-postmark-server-token", "x-api-key", "api-key", "x-mailgate-signature"}
 )

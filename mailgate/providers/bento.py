@@ -48,7 +48,13 @@ from mailgate.interfaces import IProvider
 from mailgate.message import text_to_html
 from mailgate.model import OutboundEmail
 from mailgate.outcome import Delivered, Failed, Outcome
-from mailgate.providers.base import HTTPRequest, HTTPResponse, classify_http, json_request
+from mailgate.providers.base import (
+    USER_AGENT,
+    HTTPRequest,
+    HTTPResponse,
+    classify_http,
+    json_request,
+)
 from mailgate.providers.mapping import bodies, check_limits, encoded_size, setting
 from mailgate.providers.providertype import (
     Probe,
@@ -59,7 +65,6 @@ from mailgate.providers.providertype import (
 )
 
 API_URL = "https://app.bentonow.com/api/v1"
-USER_AGENT = "mailgate/0.1"
 MAX_RECIPIENTS = 50
 MAX_SIZE = 10 * 1000 * 1000
 SETTINGS = ("url", "site_uuid", "publishable_key", "secret_key")

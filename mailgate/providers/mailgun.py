@@ -57,6 +57,7 @@ from mailgate.interfaces import IProvider
 from mailgate.model import EmailAddress, OutboundEmail
 from mailgate.outcome import Delivered, Failed, Outcome, Retry
 from mailgate.providers.base import (
+    USER_AGENT,
     HTTPRequest,
     HTTPResponse,
     classify_http,
@@ -83,7 +84,6 @@ from mailgate.providers.providertype import (
     probe_request,
     require_url,
 )
-from mailgate.providers.webhook import USER_AGENT
 
 REGION_URLS = {"us": "https://api.mailgun.net", "eu": "https://api.eu.mailgun.net"}
 MAX_RECIPIENTS = 1000

@@ -48,6 +48,7 @@ from mailgate.interfaces import IProvider
 from mailgate.model import EmailAddress, OutboundEmail
 from mailgate.outcome import Delivered, Failed, Outcome, Retry
 from mailgate.providers.base import (
+    USER_AGENT,
     HTTPRequest,
     HTTPResponse,
     classify_http,
@@ -75,7 +76,6 @@ from mailgate.providers.providertype import (
 )
 
 API_URL = "https://api.postmarkapp.com"
-USER_AGENT = "mailgate/0.1"
 MAX_RECIPIENTS = 50
 MAX_SIZE = 10 * 1000 * 1000
 BATCH_MAX_MESSAGES = 500

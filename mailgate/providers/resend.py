@@ -48,6 +48,7 @@ from mailgate.interfaces import IProvider
 from mailgate.model import EmailAddress, OutboundEmail
 from mailgate.outcome import Delivered, Failed, Outcome, Retry
 from mailgate.providers.base import (
+    USER_AGENT,
     HTTPRequest,
     HTTPResponse,
     classify_http,
@@ -76,7 +77,6 @@ from mailgate.providers.providertype import (
     require_url,
 )
 from mailgate.providers.tagpairs import tag_pairs
-from mailgate.providers.webhook import USER_AGENT
 
 API_URL = "https://api.resend.com"
 MAX_TO = 50

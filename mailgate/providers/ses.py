@@ -54,6 +54,7 @@ from mailgate.interfaces import IProvider
 from mailgate.model import OutboundEmail
 from mailgate.outcome import Delivered, Failed, Outcome, Retry
 from mailgate.providers.base import (
+    USER_AGENT,
     HTTPRequest,
     HTTPResponse,
     classify_http,
@@ -72,7 +73,6 @@ from mailgate.providers.providertype import (
     require_url,
 )
 from mailgate.providers.tagpairs import tag_pairs
-from mailgate.providers.webhook import USER_AGENT
 from mailgate.sevenbit import to_seven_bit
 
 PATH = "/v2/email/outbound-emails"

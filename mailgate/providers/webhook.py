@@ -29,6 +29,7 @@ from mailgate.interfaces import IProvider
 from mailgate.model import EmailAddress, OutboundEmail
 from mailgate.outcome import Delivered, Outcome
 from mailgate.providers.base import (
+    USER_AGENT,
     HTTPRequest,
     HTTPResponse,
     classify_http,
@@ -40,7 +41,6 @@ from mailgate.providers.providertype import ProviderType, capture_transport, no_
 SCHEMA = "mailgate.email.v1"
 # Where the capture provider pretends to send: never contacted.
 CAPTURE_URL = "https://api.example.invalid/v1/emails"
-USER_AGENT = "mailgate/0.1"
 SETTINGS = ("url", "token", "username", "password", "signing_secret")
 # Settings that authenticate to the API: in passthrough mode they come only from
 # the SMTP login, never from the server's configuration.
