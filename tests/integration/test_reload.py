@@ -166,11 +166,12 @@ async def test_listener_changes_need_a_restart(gateway: Gateway) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_accounts_file_that_is_not_utf8_is_refused(gateway: Gateway, logged_errors: Any) -> None:
-    """An accounts file saved in Latin-1 raises UnicodeDecodeError, not a ConfigError: the
-    reload is still refused in one logged line and counted, and the old accounts stay."""
+    """An accounts file saved in Latin-1 is refused in one logged line naming the file,
+    counted, and the old accounts stay."""
     (gateway.tmp / "accounts.toml").write_bytes('[accounts.zoë]\npassword = "x"\n'.encode("latin-1"))
-    assert refused_reload(gateway, logged_errors).startswith(
-        "reload refused, the running configuration stays in use: UnicodeDecodeError: 'utf-8' codec can't decode"
+    assert refused_reload(gateway, logged_errors) == (
+        "reload refused, the running configuration stays in use: "
+        f"{gateway.tmp / 'accounts.toml'}: not valid TOML: the file is not UTF-8"
     )
     assert gateway.service.reloader.metrics.reloads.labels("failure")._value.get() == 1
     client, _ = await threads.deferToThread(
