@@ -21,9 +21,17 @@ Decided semantics (ARCHITECTURE.md §1, §6):
 raw-MIME providers byte-for-byte as the client sent it.
 
 The parser is lenient: almost any input yields a model.  :class:`MessageParseError`
-is raised only when the input exceeds the structural limits below (or nests
-deeper than the interpreter can recurse); nothing else ever escapes
-:func:`parse_message`.
+is raised only when the input exceeds the structural limits of
+:class:`MimeLimits` (or nests deeper than the interpreter can recurse); nothing
+else ever escapes :func:`parse_message`.
+
+Parsing cost is bounded before and while the stdlib parser works, so a MIME
+bomb costs little more than reading it: the top-level header block is measured
+on the raw bytes before parsing; the product of line count and nesting is
+bounded up front (:data:`MAX_PARSE_WORK`); depth, part count and the size of
+every part's header block are checked as the parser creates each part; and the
+number of addresses in an address header is bounded before the RFC 5322 address
+parser runs.
 """
 
 from __future__ import annotations
@@ -34,11 +42,12 @@ import html
 import quopri
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from email import policy as email_policy
 from email.generator import BytesGenerator, Generator
 from email.headerregistry import BaseHeader, HeaderRegistry
 from email.message import EmailMessage, Message
-from email.parser import BytesParser
+from email.feedparser import BytesFeedParser
 from email.utils import collapse_rfc2231_value, getaddresses
 from io import BytesIO, StringIO
 from typing import ClassVar
@@ -52,6 +61,8 @@ __all__ = [
     "MAX_PARSE_WORK",
     "MAX_PARTS",
     "MessageParseError",
+    "MessageTooLarge",
+    "MimeLimits",
     "parse_message",
     "text_to_html",
 ]
@@ -62,16 +73,36 @@ MAX_PARTS = 1000
 #: Deepest MIME nesting accepted (the top level is depth 0).  Real mail rarely
 #: goes past 5; a forwarded chain of attached messages adds 2-3 per message.
 MAX_DEPTH = 32
-#: Upper bound on (line count x occurrences of "multipart") checked *before*
+#: Upper bound on (line count x possible nesting depth) checked *before*
 #: parsing.  The stdlib feed parser tests every line against the boundary of
 #: every enclosing multipart, so its cost grows as lines x nesting depth
 #: (about 0.17 us per unit measured); depth is at most the number of
-#: "multipart" occurrences.  A crafted 10 MiB message of short lines inside
-#: hundreds of nested multiparts would otherwise take minutes; with this bound
-#: the extra cost stays under about 2 s.  It admits, e.g., 10 MiB of base64
-#: attachments (~140k lines) with 70 multipart containers, or 500k short
-#: lines with 20.
+#: "multipart" occurrences, and the parser stops one level past the depth
+#: limit.  A crafted 10 MiB message of short lines inside many nested
+#: multiparts would otherwise take minutes; with this bound the extra cost
+#: stays under about 2 s.  It admits, e.g., 10 MiB of base64 attachments (~140k
+#: lines) at any nesting the depth limit allows, or 500k short lines nested 20
+#: deep.
 MAX_PARSE_WORK = 10_000_000
+
+
+@dataclass(frozen=True)
+class MimeLimits:
+    """Structural limits on one message (``[limits]`` in mailgate.toml).
+
+    Exceeding ``max_header_size`` (the octets of one header block, the top
+    level's or a part's) raises :class:`MessageTooLarge` (``552 5.3.4``); the
+    others raise :class:`MessageParseError` (``554 5.6.0``).
+    """
+
+    max_depth: int = MAX_DEPTH
+    max_parts: int = MAX_PARTS
+    max_header_size: int = 256 * 1024
+    max_header_count: int = 500
+    max_addresses_per_header: int = 1000
+
+
+DEFAULT_LIMITS = MimeLimits()
 
 # Re-serialising attached messages: keep header lines as they were.
 _GENERATOR_POLICY = email_policy.default.clone(linesep="\r\n", refold_source="none")
@@ -181,6 +212,15 @@ _LINE = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n|\Z)")
 _LINE_BREAKS = re.compile(r"\r\n|\r|\n")
 _MSGID = re.compile(r"<([^<>]*)>")
 _MULTIPART = re.compile(rb"(?i)multipart")
+_ADDRESS_HEADERS = frozenset(
+    {
+        "from", "sender", "reply-to", "to", "cc", "bcc",
+        "resent-from", "resent-sender", "resent-to", "resent-cc", "resent-bcc",
+    }
+)  # fmt: skip
+# A quoted string, closed or not: a match never fails midway, so the scan is linear.
+_QUOTED_STRING = re.compile(r'"(?:[^"\\]|\\.)*(")?', re.DOTALL)
+_ADDRESS_SEPARATOR = re.compile(r"[,;]")
 _SPACE_RUN = re.compile(r"^ +| {2,}")
 # Codecs that are not character sets, or whose decoding cost is superlinear.
 _BAD_CODECS = frozenset({"idna", "punycode", "undefined", "unicode_escape", "raw_unicode_escape"})
@@ -197,25 +237,87 @@ class MessageParseError(Exception):
         self.reason = reason
 
 
+class MessageTooLarge(MessageParseError):
+    """A header block exceeds its size limit; the SMTP layer answers 552 5.3.4."""
+
+
+def _check_header_block(octets: int, fields: int, limits: MimeLimits) -> None:
+    if octets > limits.max_header_size:
+        raise MessageTooLarge(f"header block larger than {limits.max_header_size} octets")
+    if fields > limits.max_header_count:
+        raise MessageParseError(f"more than {limits.max_header_count} header fields in one block")
+
+
+class _LimitedFeedParser(BytesFeedParser):
+    """The stdlib feed parser, stopped as soon as the message exceeds a structural limit.
+
+    ``email.feedparser.FeedParser`` creates every part, attached messages'
+    parts included, through ``_new_message`` (the parent's depth is the length
+    of ``_msgstack``) and hands every header block to ``_parse_headers``
+    (CPython 3.11-3.13, Lib/email/feedparser.py).  Checking there stops the
+    parse before it spends work on the part that breaks a limit, and before a
+    deep nest of generators could exhaust the interpreter's recursion.  The
+    exception propagates out of ``feed``; the parser is then discarded.
+    """
+
+    def __init__(self, limits: MimeLimits, policy: email_policy.EmailPolicy) -> None:
+        super().__init__(policy=policy)
+        self._limits = limits
+        self._parts = 0
+
+    def _new_message(self) -> None:
+        if len(self._msgstack) > self._limits.max_depth:
+            raise MessageParseError(f"MIME parts nested deeper than {self._limits.max_depth} levels")
+        self._parts += 1
+        if self._parts > self._limits.max_parts:
+            raise MessageParseError(f"message has more than {self._limits.max_parts} MIME parts")
+        super()._new_message()  # type: ignore[misc]
+
+    def _parse_headers(self, lines: list[str]) -> None:
+        fields = sum(1 for line in lines if line[:1] not in (" ", "\t"))
+        _check_header_block(sum(map(len, lines)), fields, self._limits)
+        super()._parse_headers(lines)  # type: ignore[misc]
+
+
+def _prescan_top_header_block(raw: bytes, limits: MimeLimits) -> None:
+    """Measure the top-level header block on the raw bytes, before the parser
+    turns it into millions of line objects; the scan stops at the size limit.
+    Lines count as headers exactly as in :func:`_filter_raw` (the parser's rule)."""
+    pos = fields = 0
+    end = len(raw)
+    while pos < end:
+        match = _LINE.match(raw, pos)
+        assert match is not None
+        line = match.group()
+        if not line or not _HEADER_LINE.match(line):
+            break
+        if line[:1] not in (b" ", b"\t"):
+            fields += 1
+        pos = match.end()
+        _check_header_block(pos, fields, limits)
+
+
 def parse_message(
     raw: bytes,
     envelope_sender: str,
     envelope_recipients: Sequence[str],
     defaults: Mapping[str, str] = {},
+    limits: MimeLimits = DEFAULT_LIMITS,
 ) -> OutboundEmail:
     """Parse ``raw`` (as received after dot-unstuffing, CRLF line endings) once.
 
     ``defaults`` are the account's control-header defaults
     (:func:`mailgate.controls.extract_controls`).  Raises
-    :class:`MessageParseError` and nothing else for bad input; a ``raw`` that is
-    not bytes-like is a programming error (``TypeError``).
+    :class:`MessageParseError` (:class:`MessageTooLarge` for an oversized
+    header block) and nothing else for bad input; a ``raw`` that is not
+    bytes-like is a programming error (``TypeError``).
     """
     if isinstance(raw, (bytearray, memoryview)):
         raw = bytes(raw)
     if not isinstance(raw, bytes):
         raise TypeError(f"raw must be bytes, not {type(raw).__name__}")
     try:
-        return _parse(raw, envelope_sender, tuple(envelope_recipients), defaults)
+        return _parse(raw, envelope_sender, tuple(envelope_recipients), defaults, limits)
     except MessageParseError:
         raise
     except RecursionError:
@@ -230,13 +332,18 @@ def _parse(
     envelope_sender: str,
     envelope_recipients: tuple[str, ...],
     defaults: Mapping[str, str],
+    limits: MimeLimits,
 ) -> OutboundEmail:
+    _prescan_top_header_block(raw, limits)
     lines = max(raw.count(b"\n"), raw.count(b"\r")) + 1
-    if lines * len(_MULTIPART.findall(raw)) > MAX_PARSE_WORK:
+    if lines * min(len(_MULTIPART.findall(raw)), limits.max_depth + 1) > MAX_PARSE_WORK:
         raise MessageParseError("MIME structure too complex for the message size")
     policy = email_policy.default.clone(header_factory=_CachingHeaderFactory(), message_factory=_ParsedMessage)
-    msg = BytesParser(policy=policy).parsebytes(raw)
+    parser = _LimitedFeedParser(limits, policy)
+    parser.feed(raw)
+    msg = parser.close()
     assert isinstance(msg, EmailMessage)
+    _check_address_counts(msg, limits)
 
     leaves, related_leaves = _walk(msg)
 
@@ -306,25 +413,40 @@ def _parse(
     )
 
 
+def _check_address_counts(msg: Message, limits: MimeLimits) -> None:
+    """Refuse an address header with too many addresses before parsing it.
+
+    The RFC 5322 address parser costs about a tenth of a millisecond per
+    address; separators outside quoted strings bound the number of addresses
+    (a comma in a comment may count once too often), in linear time.
+    """
+    limit = limits.max_addresses_per_header
+    for name, value in msg.raw_items():
+        if name.lower() not in _ADDRESS_HEADERS or value.count(",") + value.count(";") < limit:
+            continue
+        unquoted = _QUOTED_STRING.sub(_drop_closed_quote, value)
+        if len(_ADDRESS_SEPARATOR.findall(unquoted)) + 1 > limit:
+            raise MessageParseError(f"{name} header has more than {limit} addresses")
+
+
+def _drop_closed_quote(match: re.Match[str]) -> str:
+    """A quoted string's commas separate nothing; an unclosed one's are still counted."""
+    return "" if match.group(1) else match.group()
+
+
 def _walk(msg: Message) -> tuple[list[Message], set[int]]:
     """Leaf parts in document order, and the ids of those inside multipart/related.
 
-    ``message/*`` parts are leaves (attachments), but their inner parts still
-    count towards :data:`MAX_PARTS` and :data:`MAX_DEPTH`.  Iterative, so the
-    walk itself never recurses.
+    ``message/*`` parts are leaves (attachments).  The parser has already
+    enforced the depth and part limits (:class:`_LimitedFeedParser`).
+    Iterative, so the walk itself never recurses.
     """
     leaves: list[Message] = []
     related: set[int] = set()
-    # (part, depth, inside multipart/related, inside an attached message)
-    stack: list[tuple[Message, int, bool, bool]] = [(msg, 0, False, False)]
-    count = 0
+    # (part, inside multipart/related, inside an attached message)
+    stack: list[tuple[Message, bool, bool]] = [(msg, False, False)]
     while stack:
-        part, depth, in_related, attached = stack.pop()
-        count += 1
-        if count > MAX_PARTS:
-            raise MessageParseError(f"message has more than {MAX_PARTS} MIME parts")
-        if depth > MAX_DEPTH:
-            raise MessageParseError(f"MIME parts nested deeper than {MAX_DEPTH} levels")
+        part, in_related, attached = stack.pop()
         payload = part.get_payload()
         maintype = part.get_content_maintype()
         is_container = isinstance(payload, list)
@@ -337,7 +459,7 @@ def _walk(msg: Message) -> tuple[list[Message], set[int]]:
             child_attached = attached or maintype != "multipart"
             for child in reversed(payload):
                 if isinstance(child, Message):
-                    stack.append((child, depth + 1, child_related, child_attached))
+                    stack.append((child, child_related, child_attached))
     return leaves, related
 
 

@@ -70,8 +70,10 @@ def write_config(
     api_url: str,
     extra: str = "",
     provider: str | None = None,
+    limits: str = "",
 ) -> Path:
-    """A complete configuration; ``provider`` replaces the default ``[providers.api]`` table."""
+    """A complete configuration; ``provider`` replaces the default ``[providers.api]`` table,
+    ``limits`` adds lines to ``[limits]``."""
     chain, key, _ = tls_files
     config = tmp / "mailgate.toml"
     config.write_text(
@@ -105,6 +107,7 @@ api_timeout = 2
 max_message_size = "1MiB"
 max_recipients = 50
 auth_failure_delay = 0.05
+{limits}
 
 [accounts]
 store = "file"
@@ -124,11 +127,16 @@ async def gateway(tmp_path: Path, tls_files: tuple[Path, Path, Path], monkeypatc
 
 
 async def file_store_gateway(
-    tmp_path: Path, tls_files: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch, extra: str = ""
+    tmp_path: Path,
+    tls_files: tuple[Path, Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    extra: str = "",
+    limits: str = "",
 ) -> Any:
-    """The ``gateway`` fixture's gateway; ``extra`` is appended to its configuration."""
+    """The ``gateway`` fixture's gateway; ``extra`` is appended to its configuration,
+    ``limits`` to its ``[limits]`` table."""
     monkeypatch.setenv("MAILGATE_TEST_API_TOKEN", TEST_API_TOKEN)
-    async for gateway in gateway_with_accounts(tmp_path, tls_files, extra=extra):
+    async for gateway in gateway_with_accounts(tmp_path, tls_files, extra=extra, limits=limits):
         yield gateway
 
 
@@ -137,15 +145,16 @@ async def gateway_with_accounts(
     tls_files: tuple[Path, Path, Path],
     provider: Callable[[str], str] | None = None,
     extra: str = "",
+    limits: str = "",
 ) -> Any:
     """A running gateway with the accounts of :data:`PASSWORDS`, made by ``mailgate account add``.
 
     ``provider(api_url)`` gives the ``[providers.api]`` table (default: the webhook);
-    ``extra`` is appended to the configuration.
+    ``extra`` is appended to the configuration, ``limits`` to its ``[limits]`` table.
     """
     api = FakeEmailAPI()
     await api.start(reactor)
-    config_path = write_config(tmp_path, tls_files, api.url, extra, provider=provider(api.url) if provider else None)
+    config_path = write_config(tmp_path, tls_files, api.url, extra, provider=provider(api.url) if provider else None, limits=limits)
     for user, password in PASSWORDS.items():
         args = ["account", "add", "--config", str(config_path), user, "--password", password, "--cram-md5"]
         if user == "restricted":
