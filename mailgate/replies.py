@@ -106,6 +106,7 @@ TLS_ALREADY = Reply(503, "5.5.1", "TLS already active")
 UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognised authentication mechanism")
 PARAM_NOT_RECOGNISED = Reply(555, "5.5.4", "MAIL/RCPT parameter not recognised or not implemented")
 PIPELINING_VIOLATION = Reply(554, "5.5.0", "Command pipelined where it is not allowed, closing connection")
+BDAT_REFUSED = Reply(554, "5.5.1", "CHUNKING is not offered: BDAT data would be read as commands, closing connection")
 
 # Permanent failures: AUTH (RFC 4954 §6).
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")

@@ -406,18 +406,23 @@ class SMTPSession(ESMTP):
         if not verb.isalpha() or not verb.isascii():
             self._fail(replies.BAD_SYNTAX)
             return
-        if verb in _JUNK_COMMANDS:
-            self._junk_commands += 1
-            if self._junk_commands > self.policy.limits.max_junk_commands:
-                self._close_with(replies.TOO_MANY_JUNK_COMMANDS)
-                return
+        if verb in _JUNK_COMMANDS and self._junk():
+            return
         handler = getattr(self, "smtp_" + verb.decode("ascii"), None)
         if handler is None:
-            self._fail(replies.NOT_IMPLEMENTED if verb in (b"EXPN", b"BDAT", b"ETRN", b"TURN") else replies.BAD_SYNTAX)
+            self._fail(replies.NOT_IMPLEMENTED if verb in (b"EXPN", b"ETRN", b"TURN") else replies.BAD_SYNTAX)
             return
         self._await(handler(argument.strip(b" ")))
         if self._buffer and not self._closing and self._pipelining_violated(verb):
             self._close_with(replies.PIPELINING_VIOLATION)
+
+    def _junk(self) -> bool:
+        """Count a command that moves no mail; past the limit, close and return True."""
+        self._junk_commands += 1
+        if self._junk_commands > self.policy.limits.max_junk_commands:
+            self._close_with(replies.TOO_MANY_JUNK_COMMANDS)
+            return True
+        return False
 
     def _pipelining_violated(self, verb: bytes) -> bool:
         """RFC 2920 §3.1: without PIPELINING no command may follow another unanswered;
@@ -558,6 +563,13 @@ class SMTPSession(ESMTP):
         self._end_reason = "quit"
         self._send(replies.SERVICE_CLOSING)
         self._disconnect()
+        return STOP
+
+    def smtp_BDAT(self, argument: bytes) -> _Stop:
+        """RFC 3030 BDAT, though CHUNKING is not offered: its client sends the chunk
+        without waiting for a reply, and those octets would be read as commands
+        (smuggling); there is no safe way to go on, so close."""
+        self._close_with(replies.BDAT_REFUSED)
         return STOP
 
     def smtp_STARTTLS(self, argument: bytes) -> Reply | _Stop:
@@ -733,7 +745,8 @@ class SMTPSession(ESMTP):
         if path.params:
             return replies.PARAM_NOT_RECOGNISED
         if any(existing.lower() == path.address.lower() for existing in self._recipients):
-            return replies.RECIPIENT_OK  # One copy per address, as RFC 5321 §3.3 allows.
+            # One copy per address, as RFC 5321 §3.3 allows; repeating it moves no mail.
+            return STOP if self._junk() else replies.RECIPIENT_OK
         limit = self._transaction_account.max_recipients or self.policy.limits.max_recipients
         if len(self._recipients) >= limit:
             return replies.TOO_MANY_RECIPIENTS

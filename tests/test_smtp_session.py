@@ -493,7 +493,6 @@ def test_rset_clears_transaction():
         ("VRFY", "501 5.5.4"),
         ("EXPN staff", "502 5.5.1"),
         ("ETRN x", "502 5.5.1"),
-        ("BDAT 10 LAST", "502 5.5.1"),
         ("FOO", "500 5.5.2"),
         ("", "500 5.5.2"),
         ("MAIL2 FROM:<a@b>", "500 5.5.2"),

@@ -219,12 +219,19 @@ def smtplib_send(
     sender: str,
     recipients: Sequence[str],
     message: bytes,
+    source: str = "127.0.0.1",
 ) -> SMTPResult:
-    """Send one message with Python's smtplib and return the reply to the final dot."""
+    """Send one message with Python's smtplib and return the reply to the final dot.
+
+    ``source`` is the client's loopback address (any of 127.0.0.0/8), so tests can
+    play a second client host."""
+    bind = (source, 0)
     if implicit_tls:
-        client: smtplib.SMTP = smtplib.SMTP_SSL("127.0.0.1", port, context=context, timeout=10)
+        client: smtplib.SMTP = smtplib.SMTP_SSL(
+            "127.0.0.1", port, context=context, timeout=10, source_address=bind
+        )
     else:
-        client = smtplib.SMTP("127.0.0.1", port, timeout=10)
+        client = smtplib.SMTP("127.0.0.1", port, timeout=10, source_address=bind)
     try:
         client.ehlo("client.example")
         if not implicit_tls:
