@@ -54,6 +54,8 @@ def inv(gateway: Any, logged_errors: Any, sessions: list[smtp.SMTPSession]) -> A
     invariants = Invariants(gateway, logged_errors, sessions)
     invariants.start()
     yield invariants
+    for client in invariants.clients:
+        client.close()
     if invariants._sampler.running:
         invariants._sampler.stop()
 
