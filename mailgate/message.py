@@ -27,8 +27,9 @@ else ever escapes :func:`parse_message`.
 
 Parsing cost is bounded before and while the stdlib parser works, so a MIME
 bomb costs little more than reading it: the top-level header block is measured
-on the raw bytes before parsing; the product of line count and nesting is
-bounded up front (:data:`MAX_PARSE_WORK`); depth, part count and the size of
+on the raw bytes before parsing; the product of line count and nesting, and
+the line count itself, are bounded up front (:data:`MAX_PARSE_WORK`,
+:data:`MAX_LINES`); depth, part count and the size of
 every part's header block are checked as the parser creates each part; and the
 number of addresses in an address header is bounded before the RFC 5322 address
 parser runs.
@@ -45,6 +46,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from email import policy as email_policy
 from email.generator import BytesGenerator, Generator
+from email.header import decode_header
 from email.headerregistry import BaseHeader, HeaderRegistry
 from email.message import EmailMessage, Message
 from email.feedparser import BytesFeedParser
@@ -84,6 +86,19 @@ MAX_DEPTH = 32
 #: lines) at any nesting the depth limit allows, or 500k short lines nested 20
 #: deep.
 MAX_PARSE_WORK = 10_000_000
+#: Most lines a message may have.  The stdlib parser keeps every line as an
+#: object while it parses (about 70 octets each, measured: a 1 MiB message of
+#: empty lines peaks at 25 MiB), so short lines, not size, decide its memory;
+#: this caps a message at about 35 MiB of parser memory.  Real mail averages
+#: far more than 20 octets per line, so even 10 MiB stays under the cap.
+MAX_LINES = 500_000
+#: Largest single header field (with its continuation lines), whatever the
+#: block limit: see :class:`_HeaderBlockMeter`.
+MAX_FIELD_SIZE = 64 * 1024
+#: Encoded words in one field beyond which it is decoded without the stdlib's
+#: RFC 2047 parser (:func:`_dense_encoded_words`).  A long subject in a
+#: non-Latin script has about ten.
+MAX_ENCODED_WORDS = 100
 
 
 @dataclass(frozen=True)
@@ -135,6 +150,10 @@ class _CachingHeaderFactory:
             cls = self._classes.get(base)
             if cls is None:
                 cls = self._classes[base] = registry[key[0]]
+            if _dense_encoded_words(value):
+                # Parsed as literal text: see _dense_encoded_words.  Subject, other
+                # unstructured fields and address fields never get here this way.
+                value = value.replace("=?", "= ?")
             header = self._cache[key] = cls(name, value)
         return header
 
@@ -241,11 +260,32 @@ class MessageTooLarge(MessageParseError):
     """A header block exceeds its size limit; the SMTP layer answers 552 5.3.4."""
 
 
-def _check_header_block(octets: int, fields: int, limits: MimeLimits) -> None:
-    if octets > limits.max_header_size:
-        raise MessageTooLarge(f"header block larger than {limits.max_header_size} octets")
-    if fields > limits.max_header_count:
-        raise MessageParseError(f"more than {limits.max_header_count} header fields in one block")
+class _HeaderBlockMeter:
+    """Measures one header block line by line; raises at the first limit passed.
+
+    Besides the block's size and field count, one field (with its continuation
+    lines) may not exceed :data:`MAX_FIELD_SIZE`: the stdlib's RFC 2047 and
+    RFC 5322 parsers take time superlinear in a field's length (a 160 KiB
+    Subject of encoded words took 3 s), so the cap bounds the cost of each.
+    """
+
+    def __init__(self, limits: MimeLimits) -> None:
+        self.limits = limits
+        self.octets = self.fields = self.field_octets = 0
+
+    def line(self, length: int, continuation: bool) -> None:
+        self.octets += length
+        if continuation:
+            self.field_octets += length
+        else:
+            self.fields += 1
+            self.field_octets = length
+        if self.octets > self.limits.max_header_size:
+            raise MessageTooLarge(f"header block larger than {self.limits.max_header_size} octets")
+        if self.field_octets > MAX_FIELD_SIZE:
+            raise MessageTooLarge(f"header field larger than {MAX_FIELD_SIZE} octets")
+        if self.fields > self.limits.max_header_count:
+            raise MessageParseError(f"more than {self.limits.max_header_count} header fields in one block")
 
 
 class _LimitedFeedParser(BytesFeedParser):
@@ -274,8 +314,9 @@ class _LimitedFeedParser(BytesFeedParser):
         super()._new_message()  # type: ignore[misc]
 
     def _parse_headers(self, lines: list[str]) -> None:
-        fields = sum(1 for line in lines if line[:1] not in (" ", "\t"))
-        _check_header_block(sum(map(len, lines)), fields, self._limits)
+        meter = _HeaderBlockMeter(self._limits)
+        for line in lines:
+            meter.line(len(line), line[:1] in (" ", "\t"))
         super()._parse_headers(lines)  # type: ignore[misc]
 
 
@@ -283,7 +324,8 @@ def _prescan_top_header_block(raw: bytes, limits: MimeLimits) -> None:
     """Measure the top-level header block on the raw bytes, before the parser
     turns it into millions of line objects; the scan stops at the size limit.
     Lines count as headers exactly as in :func:`_filter_raw` (the parser's rule)."""
-    pos = fields = 0
+    meter = _HeaderBlockMeter(limits)
+    pos = 0
     end = len(raw)
     while pos < end:
         match = _LINE.match(raw, pos)
@@ -291,10 +333,8 @@ def _prescan_top_header_block(raw: bytes, limits: MimeLimits) -> None:
         line = match.group()
         if not line or not _HEADER_LINE.match(line):
             break
-        if line[:1] not in (b" ", b"\t"):
-            fields += 1
+        meter.line(len(line), line[:1] in (b" ", b"\t"))
         pos = match.end()
-        _check_header_block(pos, fields, limits)
 
 
 def parse_message(
@@ -338,6 +378,8 @@ def _parse(
     lines = max(raw.count(b"\n"), raw.count(b"\r")) + 1
     if lines * min(len(_MULTIPART.findall(raw)), limits.max_depth + 1) > MAX_PARSE_WORK:
         raise MessageParseError("MIME structure too complex for the message size")
+    if lines > MAX_LINES:
+        raise MessageTooLarge(f"message has more than {MAX_LINES} lines")
     policy = email_policy.default.clone(header_factory=_CachingHeaderFactory(), message_factory=_ParsedMessage)
     parser = _LimitedFeedParser(limits, policy)
     parser.feed(raw)
@@ -416,16 +458,24 @@ def _parse(
 def _check_address_counts(msg: Message, limits: MimeLimits) -> None:
     """Refuse an address header with too many addresses before parsing it.
 
-    The RFC 5322 address parser costs about a tenth of a millisecond per
-    address; separators outside quoted strings bound the number of addresses
-    (a comma in a comment may count once too often), in linear time.
+    The RFC 5322 address parser costs up to half a millisecond per address;
+    separators outside quoted strings bound the number of addresses (a comma in
+    a comment may count once too often), in linear time.  Repeated fields of
+    one name (two To: fields) count together, as the model merges them.
     """
     limit = limits.max_addresses_per_header
+    counts: dict[str, int] = {}
     for name, value in msg.raw_items():
-        if name.lower() not in _ADDRESS_HEADERS or value.count(",") + value.count(";") < limit:
+        key = name.lower()
+        if key not in _ADDRESS_HEADERS:
             continue
-        unquoted = _QUOTED_STRING.sub(_drop_closed_quote, value)
-        if len(_ADDRESS_SEPARATOR.findall(unquoted)) + 1 > limit:
+        if value.count(",") + value.count(";") < limit:
+            bound = value.count(",") + value.count(";") + 1
+        else:
+            unquoted = _QUOTED_STRING.sub(_drop_closed_quote, value)
+            bound = len(_ADDRESS_SEPARATOR.findall(unquoted)) + 1
+        counts[key] = counts.get(key, 0) + bound
+        if counts[key] > limit:
             raise MessageParseError(f"{name} header has more than {limit} addresses")
 
 
@@ -607,8 +657,33 @@ def _unfold(value: str) -> str:
     return _LINE_BREAKS.sub("", value).strip()
 
 
+def _dense_encoded_words(value: str) -> bool:
+    """True for a field with more than :data:`MAX_ENCODED_WORDS` RFC 2047 encoded words.
+
+    CPython's header parser keeps, for every encoded word, a copy of the rest
+    of the field (``email._header_value_parser.get_encoded_word`` sets
+    ``ew.cte = value``): memory quadratic in the field, 100 MiB for a 60 KB
+    Subject of short encoded words.  Such fields take the linear legacy decoder
+    (:func:`_decode_words`), or are parsed without RFC 2047 decoding.
+    """
+    return value.count("=?") > MAX_ENCODED_WORDS
+
+
+def _decode_words(value: str) -> str:
+    """RFC 2047 decoding in linear time with the legacy ``email.header`` decoder."""
+    try:
+        chunks = decode_header(_unfold(value))
+    except Exception:  # noqa: BLE001 - malformed beyond repair: keep the raw text
+        return _unfold(value)
+    return "".join(
+        _decode_bytes(chunk, charset) if isinstance(chunk, bytes) else chunk for chunk, charset in chunks
+    )
+
+
 def _header_str(msg: Message, name: str, raw_value: str) -> str:
     """Decoded (RFC 2047), unfolded header value; raw value if decoding fails."""
+    if _dense_encoded_words(raw_value):
+        return _clean_text(_decode_words(raw_value)).strip()
     try:
         value = str(msg.policy.header_fetch_parse(name, raw_value))
     except Exception:  # noqa: BLE001 - stdlib header parser bugs: keep the raw text
@@ -678,11 +753,15 @@ def _addresses(msg: Message, name: str) -> tuple[EmailAddress, ...]:
             result.extend(EmailAddress(address, display) for display, address in pairs)
             continue
         try:
+            if _dense_encoded_words(raw_value):
+                raise ValueError("too many encoded words for the RFC 5322 parser")
             header = msg.policy.header_fetch_parse(hname, raw_value)
             pairs = [(a.display_name, a.addr_spec) for a in header.addresses]
         except Exception:  # noqa: BLE001 - stdlib header parser bugs: best effort below
             try:
-                pairs = getaddresses([_unfold(raw_value)])
+                pairs = [
+                    (_decode_words(display), addr) for display, addr in getaddresses([_unfold(raw_value)])
+                ]
             except Exception:  # noqa: BLE001 - malformed beyond repair: no mailboxes
                 pairs = []
         for display, addr in pairs:

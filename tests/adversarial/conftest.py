@@ -14,7 +14,7 @@ import pytest
 import pytest_twisted
 
 from mailgate import smtp
-from tests.integration.conftest import configured_gateway, tls_files  # noqa: F401 - fixture
+from tests.integration.conftest import configured_gateway, make_tls_files
 
 from .invariants import ROLES, Invariants
 
@@ -28,10 +28,8 @@ def gateway_limits() -> str:
 
 
 @pytest_twisted.async_yield_fixture
-async def gateway(
-    tmp_path: Path, tls_files: Any, monkeypatch: pytest.MonkeyPatch, gateway_limits: str  # noqa: F811
-) -> Any:
-    async for running in configured_gateway(tmp_path, tls_files, monkeypatch, gateway_limits):
+async def gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gateway_limits: str) -> Any:
+    async for running in configured_gateway(tmp_path, make_tls_files(tmp_path), monkeypatch, gateway_limits):
         yield running
 
 

@@ -44,6 +44,11 @@ class Gateway:
 
 @pytest.fixture
 def tls_files(tmp_path: Path) -> tuple[Path, Path, Path]:
+    return make_tls_files(tmp_path)
+
+
+def make_tls_files(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A trustme CA and a localhost certificate: (chain, key, CA) PEM paths."""
     ca = trustme.CA()
     cert = ca.issue_cert("localhost", "127.0.0.1")
     chain, key, ca_path = tmp_path / "fullchain.pem", tmp_path / "privkey.pem", tmp_path / "ca.pem"
