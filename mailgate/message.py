@@ -497,9 +497,12 @@ def _walk(msg: Message) -> tuple[list[Message], set[int]]:
     stack: list[tuple[Message, bool, bool]] = [(msg, False, False)]
     while stack:
         part, in_related, attached = stack.pop()
-        payload = part.get_payload()
         maintype = part.get_content_maintype()
-        is_container = isinstance(payload, list)
+        # is_multipart, not get_payload(): for a leaf with 8-bit content the latter
+        # decodes with the declared charset, and a codec such as "idna" raises
+        # (found by tests/test_message_fuzz.py).
+        is_container = part.is_multipart()
+        payload = part.get_payload() if is_container else None
         if not attached and (maintype != "multipart" or not is_container):
             leaves.append(part)
             if in_related:
@@ -625,10 +628,10 @@ def _message_part_bytes(part: Message) -> bytes:
 
 
 def _raw_payload_bytes(part: Message) -> bytes:
-    payload = part.get_payload()
-    if isinstance(payload, str):
-        return payload.encode("utf-8", "surrogateescape")
-    return b""
+    """The undecoded body of a multipart the parser could not split (see :func:`_walk`
+    on why not ``get_payload()``)."""
+    data = part.get_payload(decode=True)
+    return data if isinstance(data, bytes) else b""
 
 
 def _clean_text(value: str) -> str:
