@@ -152,6 +152,12 @@ class SessionMachine(RuleBasedStateMachine):
     def queue_message_data(self, body: bytes) -> None:
         self.pending += body
 
+    @rule(command=COMMAND)
+    def queue_starttls_injection(self, command: bytes) -> None:
+        """The CVE-2011-0411 move: a command in the same packet as STARTTLS."""
+        self.pending += b"STARTTLS\r\n" + command + b"\r\n"
+        self.deliver_all()
+
     @rule(blob=st.binary(min_size=1, max_size=300))
     def queue_junk(self, blob: bytes) -> None:
         self.pending += blob
