@@ -14,7 +14,7 @@ import pytest
 import pytest_twisted
 
 from mailgate import smtp
-from tests.integration.conftest import configured_gateway, make_tls_files
+from tests.integration.conftest import file_store_gateway, make_tls_files
 
 from .invariants import ROLES, Invariants
 
@@ -29,7 +29,7 @@ def gateway_limits() -> str:
 
 @pytest_twisted.async_yield_fixture
 async def gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gateway_limits: str) -> Any:
-    async for running in configured_gateway(tmp_path, make_tls_files(tmp_path), monkeypatch, gateway_limits):
+    async for running in file_store_gateway(tmp_path, make_tls_files(tmp_path), monkeypatch, limits=gateway_limits):
         yield running
 
 
