@@ -61,6 +61,7 @@ from mailgate.model import Attachment, EmailAddress, OutboundEmail
 __all__ = [
     "MAX_DEPTH",
     "MAX_PARSE_WORK",
+    "DEFAULT_LIMITS",
     "MAX_PARTS",
     "MessageParseError",
     "MessageTooLarge",

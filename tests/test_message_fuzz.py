@@ -17,11 +17,12 @@ really send and what attackers craft:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailgate.message import MessageParseError, MimeLimits, parse_message
+from mailgate.message import DEFAULT_LIMITS, MessageParseError, MimeLimits, parse_message
 
 HIDDEN = "hidden.person@bcc.example"
 LOCAL = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789.", min_size=1, max_size=6).filter(
@@ -150,7 +151,7 @@ def messages(draw: st.DrawFn) -> tuple[bytes, list[str], Part]:
     return tree.render(), envelope, tree
 
 
-def _parse(raw: bytes, envelope: list[str], limits: MimeLimits = MimeLimits()):  # type: ignore[no-untyped-def]
+def _parse(raw: bytes, envelope: list[str], limits: MimeLimits = DEFAULT_LIMITS) -> Any:
     try:
         return parse_message(raw, "alice@a.example", envelope, limits=limits)
     except MessageParseError as exc:
