@@ -50,6 +50,7 @@ HTTP_STORE_KEYS = (
 )  # fmt: skip
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+LOOPBACK_NETWORKS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,21 @@ class LimitsConfig:
     # (None: the per-minute figure); accounts may set their own.
     max_messages_per_minute: int = 0
     message_burst: int | None = None
+    max_junk_commands: int = 100
+    # Admission control across sessions (mailgate.admission).
+    max_sessions: int = 500
+    max_deliveries_in_flight: int = 100
+    max_connections_per_ip: int = 20
+    max_connection_rate_per_ip: int = 120
+    max_auth_failures_per_ip: int = 10
+    auth_failure_window: float = 900.0
+    exempt_networks: tuple[Network, ...] = LOOPBACK_NETWORKS
+    # MIME structure (mailgate.message.MimeLimits).
+    max_mime_depth: int = 32
+    max_mime_parts: int = 1000
+    max_header_size: int = 256 * 1024
+    max_header_count: int = 500
+    max_addresses_per_header: int = 1000
 
 
 @dataclass(frozen=True)
@@ -326,6 +342,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
         auth_failure_delay=float(limits_t.take("auth_failure_delay", (int, float), 1.0)),
         max_messages_per_minute=limits_t.count("max_messages_per_minute", defaults.max_messages_per_minute),
         message_burst=limits_t.positive("message_burst", None, integer=True),
+        **_admission_and_mime_limits(limits_t, defaults),
     )
     if not math.isfinite(limits.auth_failure_delay) or limits.auth_failure_delay < 0:
         raise ConfigError("limits.auth_failure_delay", "must be a finite number, not negative")
@@ -434,6 +451,43 @@ def _http_store(table: _Table, base_dir: Path) -> dict[str, Any]:
     }
 
 
+def _admission_and_mime_limits(table: _Table, defaults: LimitsConfig) -> dict[str, Any]:
+    """The [limits] keys of the adversarial-hardening issue (README.rst "Defences and limits")."""
+    counts = (
+        "max_junk_commands",
+        "max_sessions",
+        "max_deliveries_in_flight",
+        "max_connections_per_ip",
+        "max_connection_rate_per_ip",
+        "max_auth_failures_per_ip",
+        "max_mime_depth",
+        "max_mime_parts",
+        "max_header_count",
+        "max_addresses_per_header",
+    )
+    values: dict[str, Any] = {
+        name: table.positive(name, getattr(defaults, name), integer=True) for name in counts
+    }
+    values["auth_failure_window"] = float(
+        table.positive("auth_failure_window", defaults.auth_failure_window)
+    )
+    header_size = table.take("max_header_size", (int, str), defaults.max_header_size)
+    values["max_header_size"] = parse_size(header_size, "limits.max_header_size")
+    if "exempt_networks" in table.data:
+        values["exempt_networks"] = _networks(table, "exempt_networks")
+    return values
+
+
+def _networks(table: _Table, name: str) -> tuple[Network, ...]:
+    networks = []
+    for index, text in enumerate(table.strings(name)):
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise ConfigError(f"{table._path(name)}[{index}]", f"not a network: {text!r}") from None
+    return tuple(networks)
+
+
 def _listener(data: Any, key: str) -> ListenerConfig:
     table = _Table(data, key)
     endpoint = table.string("endpoint")
@@ -442,18 +496,13 @@ def _listener(data: Any, key: str) -> ListenerConfig:
     role = table.string("role", None, ROLES)
     if role is None:
         raise ConfigError(f"{key}.role", f"required: one of {', '.join(ROLES)}")
-    networks = []
-    for index, text in enumerate(table.strings("trusted_networks")):
-        try:
-            networks.append(ipaddress.ip_network(text, strict=False))
-        except ValueError:
-            raise ConfigError(f"{key}.trusted_networks[{index}]", f"not a network: {text!r}") from None
+    networks = _networks(table, "trusted_networks")
     if networks and role != "relay":
         raise ConfigError(f"{key}.trusted_networks", "only a relay listener accepts unauthenticated mail")
     listener = ListenerConfig(
         endpoint=endpoint,
         role=role,
-        trusted_networks=tuple(networks),
+        trusted_networks=networks,
         mode=table.string("mode", None, DELIVERY_MODES),
     )
     table.finish()

@@ -124,7 +124,9 @@ def _validate_mailbox(path: str, bad: Reply) -> str:
 
 def _parse_params(text: str) -> dict[str, str | None]:
     params: dict[str, str | None] = {}
-    for word in text.split():
+    # Separated by SP only (RFC 5321 §4.1.2): str.split() would also split on VT,
+    # FF and the ASCII separators \x1c-\x1f, and let them pass as "spaces".
+    for word in filter(None, text.split(" ")):
         match = _PARAM.match(word)
         if not match:
             raise EnvelopeError(replies.PARAM_SYNTAX)

@@ -21,9 +21,18 @@ Decided semantics (ARCHITECTURE.md §1, §6):
 raw-MIME providers byte-for-byte as the client sent it.
 
 The parser is lenient: almost any input yields a model.  :class:`MessageParseError`
-is raised only when the input exceeds the structural limits below (or nests
-deeper than the interpreter can recurse); nothing else ever escapes
-:func:`parse_message`.
+is raised only when the input exceeds the structural limits of
+:class:`MimeLimits` (or nests deeper than the interpreter can recurse); nothing
+else ever escapes :func:`parse_message`.
+
+Parsing cost is bounded before and while the stdlib parser works, so a MIME
+bomb costs little more than reading it: the top-level header block is measured
+on the raw bytes before parsing; the product of line count and nesting, and
+the line count itself, are bounded up front (:data:`MAX_PARSE_WORK`,
+:data:`MAX_LINES`); depth, part count and the size of
+every part's header block are checked as the parser creates each part; and the
+number of addresses in an address header is bounded before the RFC 5322 address
+parser runs.
 """
 
 from __future__ import annotations
@@ -34,11 +43,13 @@ import html
 import quopri
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from email import policy as email_policy
 from email.generator import BytesGenerator, Generator
+from email.header import decode_header
 from email.headerregistry import BaseHeader, HeaderRegistry
 from email.message import EmailMessage, Message
-from email.parser import BytesParser
+from email.feedparser import BytesFeedParser
 from email.utils import collapse_rfc2231_value, getaddresses
 from io import BytesIO, StringIO
 from typing import ClassVar
@@ -50,8 +61,11 @@ from mailgate.model import Attachment, EmailAddress, OutboundEmail
 __all__ = [
     "MAX_DEPTH",
     "MAX_PARSE_WORK",
+    "DEFAULT_LIMITS",
     "MAX_PARTS",
     "MessageParseError",
+    "MessageTooLarge",
+    "MimeLimits",
     "parse_message",
     "text_to_html",
 ]
@@ -62,16 +76,49 @@ MAX_PARTS = 1000
 #: Deepest MIME nesting accepted (the top level is depth 0).  Real mail rarely
 #: goes past 5; a forwarded chain of attached messages adds 2-3 per message.
 MAX_DEPTH = 32
-#: Upper bound on (line count x occurrences of "multipart") checked *before*
+#: Upper bound on (line count x possible nesting depth) checked *before*
 #: parsing.  The stdlib feed parser tests every line against the boundary of
 #: every enclosing multipart, so its cost grows as lines x nesting depth
 #: (about 0.17 us per unit measured); depth is at most the number of
-#: "multipart" occurrences.  A crafted 10 MiB message of short lines inside
-#: hundreds of nested multiparts would otherwise take minutes; with this bound
-#: the extra cost stays under about 2 s.  It admits, e.g., 10 MiB of base64
-#: attachments (~140k lines) with 70 multipart containers, or 500k short
-#: lines with 20.
+#: "multipart" occurrences, and the parser stops one level past the depth
+#: limit.  A crafted 10 MiB message of short lines inside many nested
+#: multiparts would otherwise take minutes; with this bound the extra cost
+#: stays under about 2 s.  It admits, e.g., 10 MiB of base64 attachments (~140k
+#: lines) at any nesting the depth limit allows, or 500k short lines nested 20
+#: deep.
 MAX_PARSE_WORK = 10_000_000
+#: Most lines a message may have.  The stdlib parser keeps every line as an
+#: object while it parses (about 70 octets each, measured: a 1 MiB message of
+#: empty lines peaks at 25 MiB), so short lines, not size, decide its memory;
+#: this caps a message at about 35 MiB of parser memory.  Real mail averages
+#: far more than 20 octets per line, so even 10 MiB stays under the cap.
+MAX_LINES = 500_000
+#: Largest single header field (with its continuation lines), whatever the
+#: block limit: see :class:`_HeaderBlockMeter`.
+MAX_FIELD_SIZE = 64 * 1024
+#: Encoded words in one field beyond which it is decoded without the stdlib's
+#: RFC 2047 parser (:func:`_dense_encoded_words`).  A long subject in a
+#: non-Latin script has about ten.
+MAX_ENCODED_WORDS = 100
+
+
+@dataclass(frozen=True)
+class MimeLimits:
+    """Structural limits on one message (``[limits]`` in mailgate.toml).
+
+    Exceeding ``max_header_size`` (the octets of one header block, the top
+    level's or a part's) raises :class:`MessageTooLarge` (``552 5.3.4``); the
+    others raise :class:`MessageParseError` (``554 5.6.0``).
+    """
+
+    max_depth: int = MAX_DEPTH
+    max_parts: int = MAX_PARTS
+    max_header_size: int = 256 * 1024
+    max_header_count: int = 500
+    max_addresses_per_header: int = 1000
+
+
+DEFAULT_LIMITS = MimeLimits()
 
 # Re-serialising attached messages: keep header lines as they were.
 _GENERATOR_POLICY = email_policy.default.clone(linesep="\r\n", refold_source="none")
@@ -104,6 +151,10 @@ class _CachingHeaderFactory:
             cls = self._classes.get(base)
             if cls is None:
                 cls = self._classes[base] = registry[key[0]]
+            if _dense_encoded_words(value):
+                # Parsed as literal text: see _dense_encoded_words.  Subject, other
+                # unstructured fields and address fields never get here this way.
+                value = value.replace("=?", "= ?")
             header = self._cache[key] = cls(name, value)
         return header
 
@@ -181,6 +232,15 @@ _LINE = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n|\Z)")
 _LINE_BREAKS = re.compile(r"\r\n|\r|\n")
 _MSGID = re.compile(r"<([^<>]*)>")
 _MULTIPART = re.compile(rb"(?i)multipart")
+_ADDRESS_HEADERS = frozenset(
+    {
+        "from", "sender", "reply-to", "to", "cc", "bcc",
+        "resent-from", "resent-sender", "resent-to", "resent-cc", "resent-bcc",
+    }
+)  # fmt: skip
+# A quoted string, closed or not: a match never fails midway, so the scan is linear.
+_QUOTED_STRING = re.compile(r'"(?:[^"\\]|\\.)*(")?', re.DOTALL)
+_ADDRESS_SEPARATOR = re.compile(r"[,;]")
 _SPACE_RUN = re.compile(r"^ +| {2,}")
 # Codecs that are not character sets, or whose decoding cost is superlinear.
 _BAD_CODECS = frozenset({"idna", "punycode", "undefined", "unicode_escape", "raw_unicode_escape"})
@@ -197,25 +257,108 @@ class MessageParseError(Exception):
         self.reason = reason
 
 
+class MessageTooLarge(MessageParseError):
+    """A header block exceeds its size limit; the SMTP layer answers 552 5.3.4."""
+
+
+class _HeaderBlockMeter:
+    """Measures one header block line by line; raises at the first limit passed.
+
+    Besides the block's size and field count, one field (with its continuation
+    lines) may not exceed :data:`MAX_FIELD_SIZE`: the stdlib's RFC 2047 and
+    RFC 5322 parsers take time superlinear in a field's length (a 160 KiB
+    Subject of encoded words took 3 s), so the cap bounds the cost of each.
+    """
+
+    def __init__(self, limits: MimeLimits) -> None:
+        self.limits = limits
+        self.octets = self.fields = self.field_octets = 0
+
+    def line(self, length: int, continuation: bool) -> None:
+        self.octets += length
+        if continuation:
+            self.field_octets += length
+        else:
+            self.fields += 1
+            self.field_octets = length
+        if self.octets > self.limits.max_header_size:
+            raise MessageTooLarge(f"header block larger than {self.limits.max_header_size} octets")
+        if self.field_octets > MAX_FIELD_SIZE:
+            raise MessageTooLarge(f"header field larger than {MAX_FIELD_SIZE} octets")
+        if self.fields > self.limits.max_header_count:
+            raise MessageParseError(f"more than {self.limits.max_header_count} header fields in one block")
+
+
+class _LimitedFeedParser(BytesFeedParser):
+    """The stdlib feed parser, stopped as soon as the message exceeds a structural limit.
+
+    ``email.feedparser.FeedParser`` creates every part, attached messages'
+    parts included, through ``_new_message`` (the parent's depth is the length
+    of ``_msgstack``) and hands every header block to ``_parse_headers``
+    (CPython 3.11-3.13, Lib/email/feedparser.py).  Checking there stops the
+    parse before it spends work on the part that breaks a limit, and before a
+    deep nest of generators could exhaust the interpreter's recursion.  The
+    exception propagates out of ``feed``; the parser is then discarded.
+    """
+
+    def __init__(self, limits: MimeLimits, policy: email_policy.EmailPolicy) -> None:
+        super().__init__(policy=policy)
+        self._limits = limits
+        self._parts = 0
+
+    def _new_message(self) -> None:
+        if len(self._msgstack) > self._limits.max_depth:
+            raise MessageParseError(f"MIME parts nested deeper than {self._limits.max_depth} levels")
+        self._parts += 1
+        if self._parts > self._limits.max_parts:
+            raise MessageParseError(f"message has more than {self._limits.max_parts} MIME parts")
+        super()._new_message()  # type: ignore[misc]
+
+    def _parse_headers(self, lines: list[str]) -> None:
+        meter = _HeaderBlockMeter(self._limits)
+        for line in lines:
+            meter.line(len(line), line[:1] in (" ", "\t"))
+        super()._parse_headers(lines)  # type: ignore[misc]
+
+
+def _prescan_top_header_block(raw: bytes, limits: MimeLimits) -> None:
+    """Measure the top-level header block on the raw bytes, before the parser
+    turns it into millions of line objects; the scan stops at the size limit.
+    Lines count as headers exactly as in :func:`_filter_raw` (the parser's rule)."""
+    meter = _HeaderBlockMeter(limits)
+    pos = 0
+    end = len(raw)
+    while pos < end:
+        match = _LINE.match(raw, pos)
+        assert match is not None
+        line = match.group()
+        if not line or not _HEADER_LINE.match(line):
+            break
+        meter.line(len(line), line[:1] in (b" ", b"\t"))
+        pos = match.end()
+
+
 def parse_message(
     raw: bytes,
     envelope_sender: str,
     envelope_recipients: Sequence[str],
     defaults: Mapping[str, str] = {},
+    limits: MimeLimits = DEFAULT_LIMITS,
 ) -> OutboundEmail:
     """Parse ``raw`` (as received after dot-unstuffing, CRLF line endings) once.
 
     ``defaults`` are the account's control-header defaults
     (:func:`mailgate.controls.extract_controls`).  Raises
-    :class:`MessageParseError` and nothing else for bad input; a ``raw`` that is
-    not bytes-like is a programming error (``TypeError``).
+    :class:`MessageParseError` (:class:`MessageTooLarge` for an oversized
+    header block) and nothing else for bad input; a ``raw`` that is not
+    bytes-like is a programming error (``TypeError``).
     """
     if isinstance(raw, (bytearray, memoryview)):
         raw = bytes(raw)
     if not isinstance(raw, bytes):
         raise TypeError(f"raw must be bytes, not {type(raw).__name__}")
     try:
-        return _parse(raw, envelope_sender, tuple(envelope_recipients), defaults)
+        return _parse(raw, envelope_sender, tuple(envelope_recipients), defaults, limits)
     except MessageParseError:
         raise
     except RecursionError:
@@ -230,13 +373,20 @@ def _parse(
     envelope_sender: str,
     envelope_recipients: tuple[str, ...],
     defaults: Mapping[str, str],
+    limits: MimeLimits,
 ) -> OutboundEmail:
+    _prescan_top_header_block(raw, limits)
     lines = max(raw.count(b"\n"), raw.count(b"\r")) + 1
-    if lines * len(_MULTIPART.findall(raw)) > MAX_PARSE_WORK:
+    if lines * min(len(_MULTIPART.findall(raw)), limits.max_depth + 1) > MAX_PARSE_WORK:
         raise MessageParseError("MIME structure too complex for the message size")
+    if lines > MAX_LINES:
+        raise MessageTooLarge(f"message has more than {MAX_LINES} lines")
     policy = email_policy.default.clone(header_factory=_CachingHeaderFactory(), message_factory=_ParsedMessage)
-    msg = BytesParser(policy=policy).parsebytes(raw)
+    parser = _LimitedFeedParser(limits, policy)
+    parser.feed(raw)
+    msg = parser.close()
     assert isinstance(msg, EmailMessage)
+    _check_address_counts(msg, limits)
 
     leaves, related_leaves = _walk(msg)
 
@@ -306,28 +456,54 @@ def _parse(
     )
 
 
+def _check_address_counts(msg: Message, limits: MimeLimits) -> None:
+    """Refuse an address header with too many addresses before parsing it.
+
+    The RFC 5322 address parser costs up to half a millisecond per address;
+    separators outside quoted strings bound the number of addresses (a comma in
+    a comment may count once too often), in linear time.  Repeated fields of
+    one name (two To: fields) count together, as the model merges them.
+    """
+    limit = limits.max_addresses_per_header
+    counts: dict[str, int] = {}
+    for name, value in msg.raw_items():
+        key = name.lower()
+        if key not in _ADDRESS_HEADERS:
+            continue
+        if value.count(",") + value.count(";") < limit:
+            bound = value.count(",") + value.count(";") + 1
+        else:
+            unquoted = _QUOTED_STRING.sub(_drop_closed_quote, value)
+            bound = len(_ADDRESS_SEPARATOR.findall(unquoted)) + 1
+        counts[key] = counts.get(key, 0) + bound
+        if counts[key] > limit:
+            raise MessageParseError(f"{name} header has more than {limit} addresses")
+
+
+def _drop_closed_quote(match: re.Match[str]) -> str:
+    """A quoted string's commas separate nothing; an unclosed one's are still counted."""
+    return "" if match.group(1) else match.group()
+
+
 def _walk(msg: Message) -> tuple[list[Message], set[int]]:
     """Leaf parts in document order, and the ids of those inside multipart/related.
 
-    ``message/*`` parts are leaves (attachments), but their inner parts still
-    count towards :data:`MAX_PARTS` and :data:`MAX_DEPTH`.  Iterative, so the
-    walk itself never recurses.
+    ``message/*`` parts are leaves (attachments).  The parser has already
+    enforced the depth and part limits (:class:`_LimitedFeedParser`).
+    Iterative, so the walk itself never recurses.
     """
     leaves: list[Message] = []
     related: set[int] = set()
-    # (part, depth, inside multipart/related, inside an attached message)
-    stack: list[tuple[Message, int, bool, bool]] = [(msg, 0, False, False)]
-    count = 0
+    # (part, inside multipart/related, inside an attached message)
+    stack: list[tuple[Message, bool, bool]] = [(msg, False, False)]
     while stack:
-        part, depth, in_related, attached = stack.pop()
-        count += 1
-        if count > MAX_PARTS:
-            raise MessageParseError(f"message has more than {MAX_PARTS} MIME parts")
-        if depth > MAX_DEPTH:
-            raise MessageParseError(f"MIME parts nested deeper than {MAX_DEPTH} levels")
-        payload = part.get_payload()
+        part, in_related, attached = stack.pop()
         maintype = part.get_content_maintype()
-        is_container = isinstance(payload, list)
+        # is_multipart, not get_payload(): for a leaf with 8-bit content the latter
+        # decodes with the declared charset, and a codec such as "idna" raises
+        # (found by tests/test_message_fuzz.py).
+        is_container = part.is_multipart()
+        payload = part.get_payload() if is_container else None
         if not attached and (maintype != "multipart" or not is_container):
             leaves.append(part)
             if in_related:
@@ -337,7 +513,7 @@ def _walk(msg: Message) -> tuple[list[Message], set[int]]:
             child_attached = attached or maintype != "multipart"
             for child in reversed(payload):
                 if isinstance(child, Message):
-                    stack.append((child, depth + 1, child_related, child_attached))
+                    stack.append((child, child_related, child_attached))
     return leaves, related
 
 
@@ -453,10 +629,10 @@ def _message_part_bytes(part: Message) -> bytes:
 
 
 def _raw_payload_bytes(part: Message) -> bytes:
-    payload = part.get_payload()
-    if isinstance(payload, str):
-        return payload.encode("utf-8", "surrogateescape")
-    return b""
+    """The undecoded body of a multipart the parser could not split (see :func:`_walk`
+    on why not ``get_payload()``)."""
+    data = part.get_payload(decode=True)
+    return data if isinstance(data, bytes) else b""
 
 
 def _clean_text(value: str) -> str:
@@ -485,8 +661,33 @@ def _unfold(value: str) -> str:
     return _LINE_BREAKS.sub("", value).strip()
 
 
+def _dense_encoded_words(value: str) -> bool:
+    """True for a field with more than :data:`MAX_ENCODED_WORDS` RFC 2047 encoded words.
+
+    CPython's header parser keeps, for every encoded word, a copy of the rest
+    of the field (``email._header_value_parser.get_encoded_word`` sets
+    ``ew.cte = value``): memory quadratic in the field, 100 MiB for a 60 KB
+    Subject of short encoded words.  Such fields take the linear legacy decoder
+    (:func:`_decode_words`), or are parsed without RFC 2047 decoding.
+    """
+    return value.count("=?") > MAX_ENCODED_WORDS
+
+
+def _decode_words(value: str) -> str:
+    """RFC 2047 decoding in linear time with the legacy ``email.header`` decoder."""
+    try:
+        chunks = decode_header(_unfold(value))
+    except Exception:  # noqa: BLE001 - malformed beyond repair: keep the raw text
+        return _unfold(value)
+    return "".join(
+        _decode_bytes(chunk, charset) if isinstance(chunk, bytes) else chunk for chunk, charset in chunks
+    )
+
+
 def _header_str(msg: Message, name: str, raw_value: str) -> str:
     """Decoded (RFC 2047), unfolded header value; raw value if decoding fails."""
+    if _dense_encoded_words(raw_value):
+        return _clean_text(_decode_words(raw_value)).strip()
     try:
         value = str(msg.policy.header_fetch_parse(name, raw_value))
     except Exception:  # noqa: BLE001 - stdlib header parser bugs: keep the raw text
@@ -556,11 +757,15 @@ def _addresses(msg: Message, name: str) -> tuple[EmailAddress, ...]:
             result.extend(EmailAddress(address, display) for display, address in pairs)
             continue
         try:
+            if _dense_encoded_words(raw_value):
+                raise ValueError("too many encoded words for the RFC 5322 parser")
             header = msg.policy.header_fetch_parse(hname, raw_value)
             pairs = [(a.display_name, a.addr_spec) for a in header.addresses]
         except Exception:  # noqa: BLE001 - stdlib header parser bugs: best effort below
             try:
-                pairs = getaddresses([_unfold(raw_value)])
+                pairs = [
+                    (_decode_words(display), addr) for display, addr in getaddresses([_unfold(raw_value)])
+                ]
             except Exception:  # noqa: BLE001 - malformed beyond repair: no mailboxes
                 pairs = []
         for display, addr in pairs:

@@ -18,9 +18,11 @@ it (numbers refer to SECURITY.md):
    an unterminated line beyond that closes the session.
 5. Crashes: every argument is parsed by code that answers with a reply.
 6. Lax AUTH parsing: strict base64, exact PLAIN part counts, authzid checked.
-7. No limits: recipients, errors, AUTH failures (with growing delays), idle
-   timeouts, a TLS handshake timeout, a session lifetime, and a message rate
-   per account (``451 4.7.1`` at MAIL).
+7. No limits: recipients, errors, junk commands, AUTH failures (with growing
+   delays), idle timeouts, a TLS handshake timeout, a session lifetime, and a
+   message rate per account (``451 4.7.1`` at MAIL); per client and global
+   limits on sessions and AUTH failures across connections
+   (:mod:`mailgate.admission`).
 8. Blanket 550: replies come from the deliverer's outcome (error table).
 9. Bare LF/CR and NUL in DATA: rejected (or normalised, by configuration).
 10. Header injection through EHLO: the argument must be printable ASCII.
@@ -51,22 +53,26 @@ from zope.interface import implementer
 
 from mailgate import auth, envelope, replies
 from mailgate.accounts.account import Account
+from mailgate.admission import Admission, in_networks
 from mailgate.config import LimitsConfig
 from mailgate.framing import DataReader
 from mailgate.ids import new_queue_id
 from mailgate.interfaces import AccountStoreUnavailable, IAccount, IDeliverer
 from mailgate.logging import log_message_outcome
-from mailgate.message import MessageParseError
+from mailgate.message import MessageParseError, MessageTooLarge
 from mailgate.ratelimit import AccountRateLimiter
 from mailgate.metrics import Metrics
 from mailgate.outcome import Outcome
-from mailgate.replies import Reply
+from mailgate.replies import Reply, sanitise_text
 
 MAX_COMMAND_LINE = 512  # RFC 5321 §4.5.3.1.4, including CRLF.
 SPOOL_IN_MEMORY = 1024 * 1024  # DATA beyond this spills from memory to a temp file.
 PAUSE_READING_AT = 256 * 1024  # Stop reading while a command is pending and this much is buffered.
 CLOSE_GRACE = 10.0  # Seconds a closing connection may take to flush before it is aborted.
 _SYNC_COMMANDS = frozenset({b"EHLO", b"HELO", b"STARTTLS", b"QUIT"})
+# Commands that move no mail (Postfix's smtpd_junk_command_limit counts the same
+# idea): a session may send max_junk_commands of them between accepted messages.
+_JUNK_COMMANDS = frozenset({b"NOOP", b"RSET", b"VRFY", b"HELP", b"EHLO", b"HELO"})
 
 
 @functools.lru_cache(maxsize=4)
@@ -133,9 +139,14 @@ class SMTPSession(ESMTP):
         trusted_account: Account | None = None,
         message_rate: AccountRateLimiter | None = None,
         metrics: Metrics | None = None,
+        admission: Admission | None = None,
     ):
         super().__init__(chal={}, contextFactory=policy.tls)
         self.metrics = metrics if metrics is not None else Metrics()
+        # Shared by all listeners in a gateway (build.py); a private one otherwise.
+        self.admission = admission if admission is not None else Admission(policy.limits, clock)
+        self._admitted = False
+        self._junk_commands = 0
         self.policy = policy
         self.portal = portal
         self.deliverer = deliverer
@@ -179,6 +190,13 @@ class SMTPSession(ESMTP):
         self.peer_ip = client_ip(self.transport.getPeer())
         self._started = self.clock.seconds()
         self.metrics.connection_opened(self.policy.listener)
+        refusal = self.admission.open_session(self.peer_ip)
+        if refusal is not None:
+            # Shed load and over-eager clients at the door (README.rst "Defences and
+            # limits"); the session-end line gives the reply as the reason.
+            self._close_with(refusal)
+            return
+        self._admitted = True
         self.setTimeout(self.policy.limits.command_timeout)
         self._lifetime_timer = self.clock.callLater(self.policy.limits.session_lifetime, self._lifetime_over)
         # Replies are produced in answer to input: a client that never reads them must
@@ -196,6 +214,9 @@ class SMTPSession(ESMTP):
         self._connection_lost = True
         self._producer_registered = False  # The transport forgets its producer on close.
         self.setTimeout(None)
+        if self._admitted:
+            self._admitted = False
+            self.admission.close_session(self.peer_ip)
         for timer in (self._handshake_timer, self._lifetime_timer, self._abort_timer):
             if timer is not None and timer.active():
                 timer.cancel()
@@ -385,13 +406,23 @@ class SMTPSession(ESMTP):
         if not verb.isalpha() or not verb.isascii():
             self._fail(replies.BAD_SYNTAX)
             return
+        if verb in _JUNK_COMMANDS and self._junk():
+            return
         handler = getattr(self, "smtp_" + verb.decode("ascii"), None)
         if handler is None:
-            self._fail(replies.NOT_IMPLEMENTED if verb in (b"EXPN", b"BDAT", b"ETRN", b"TURN") else replies.BAD_SYNTAX)
+            self._fail(replies.NOT_IMPLEMENTED if verb in (b"EXPN", b"ETRN", b"TURN") else replies.BAD_SYNTAX)
             return
         self._await(handler(argument.strip(b" ")))
         if self._buffer and not self._closing and self._pipelining_violated(verb):
             self._close_with(replies.PIPELINING_VIOLATION)
+
+    def _junk(self) -> bool:
+        """Count a command that moves no mail; past the limit, close and return True."""
+        self._junk_commands += 1
+        if self._junk_commands > self.policy.limits.max_junk_commands:
+            self._close_with(replies.TOO_MANY_JUNK_COMMANDS)
+            return True
+        return False
 
     def _pipelining_violated(self, verb: bytes) -> bool:
         """RFC 2920 §3.1: without PIPELINING no command may follow another unanswered;
@@ -464,13 +495,7 @@ class SMTPSession(ESMTP):
         return replies.AUTH_REQUIRED
 
     def _peer_trusted(self) -> bool:
-        try:
-            address = ipaddress.ip_address(self.peer_ip)
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.policy.trusted_networks)
+        return in_networks(self.peer_ip, self.policy.trusted_networks)
 
     def _max_size(self, account: Account) -> int:
         limit = self.policy.limits.max_message_size
@@ -540,6 +565,13 @@ class SMTPSession(ESMTP):
         self._disconnect()
         return STOP
 
+    def smtp_BDAT(self, argument: bytes) -> _Stop:
+        """RFC 3030 BDAT, though CHUNKING is not offered: its client sends the chunk
+        without waiting for a reply, and those octets would be read as commands
+        (smuggling); there is no safe way to go on, so close."""
+        self._close_with(replies.BDAT_REFUSED)
+        return STOP
+
     def smtp_STARTTLS(self, argument: bytes) -> Reply | _Stop:
         if argument:
             return replies.PARAM_SYNTAX
@@ -569,6 +601,8 @@ class SMTPSession(ESMTP):
             return replies.ALREADY_AUTHENTICATED
         if self._sender is not None:
             return replies.AUTH_IN_TRANSACTION
+        if self.admission.auth_blocked(self.peer_ip):
+            return self._refuse_throttled_auth()
         name, _, initial = argument.partition(b" ")
         mechanism = auth.new_mechanism(
             name.decode("ascii", "replace"), self.policy.hostname, self.policy.cram_md5
@@ -639,10 +673,18 @@ class SMTPSession(ESMTP):
         self.log.failure("AUTH {mechanism} error: account store failed; peer={peer}", failure, mechanism=mechanism, peer=self.peer_ip)
         return replies.AUTH_TEMPFAIL
 
+    def _refuse_throttled_auth(self) -> Any:
+        """This client used up its failed-login budget (:mod:`mailgate.admission`):
+        refuse without looking at the credentials, after the longest per-session delay."""
+        self.log.info("AUTH refused for {peer}: too many recent failures from this address", peer=self.peer_ip)
+        delay = self.policy.limits.auth_failure_delay * self.policy.limits.max_auth_failures
+        return task.deferLater(self.clock, delay, self._close_with, replies.AUTH_THROTTLED)
+
     def _auth_failed(self, mechanism: str) -> Any:
         """Answer a failed login slowly, and close after too many (SECURITY.md 7)."""
         self._auth_failures += 1
         self.metrics.auth_result(mechanism, "failure")
+        self.admission.auth_failed(self.peer_ip)
         self.log.info(
             "AUTH {mechanism} failure {count}: peer={peer}",
             mechanism=mechanism,
@@ -703,7 +745,8 @@ class SMTPSession(ESMTP):
         if path.params:
             return replies.PARAM_NOT_RECOGNISED
         if any(existing.lower() == path.address.lower() for existing in self._recipients):
-            return replies.RECIPIENT_OK  # One copy per address, as RFC 5321 §3.3 allows.
+            # One copy per address, as RFC 5321 §3.3 allows; repeating it moves no mail.
+            return STOP if self._junk() else replies.RECIPIENT_OK
         limit = self._transaction_account.max_recipients or self.policy.limits.max_recipients
         if len(self._recipients) >= limit:
             return replies.TOO_MANY_RECIPIENTS
@@ -757,9 +800,17 @@ class SMTPSession(ESMTP):
             return verdict(replies.LOCAL_ERROR)
         finally:
             spool.close()
-        return defer.maybeDeferred(
+        # In flight from here to the verdict: the admission control sheds new
+        # connections while too many messages wait, instead of failing these.
+        self.admission.delivery_started()
+        pending = defer.maybeDeferred(
             self._deliver, queue_id, raw, sender.address, tuple(recipients), account, verdict
         )
+        return pending.addBoth(self._delivery_finished)
+
+    def _delivery_finished(self, result: Any) -> Any:
+        self.admission.delivery_finished()
+        return result
 
     def _received_header(self, queue_id: str) -> bytes:
         """RFC 5321 §4.4 trace header.  Recipients are deliberately omitted: naming
@@ -791,7 +842,9 @@ class SMTPSession(ESMTP):
         try:
             email_ = yield self.parse(raw, sender, recipients, account.defaults)
         except MessageParseError as e:
-            return verdict(replies.UNPARSABLE_MESSAGE, size=len(raw), note=str(e))
+            refusal = replies.MESSAGE_TOO_BIG if isinstance(e, MessageTooLarge) else replies.UNPARSABLE_MESSAGE
+            reply = Reply(refusal.code, refusal.enhanced, sanitise_text(f"{refusal.text}: {e.reason}"))
+            return verdict(reply, size=len(raw), note=str(e))
         except Exception:  # noqa: BLE001 - a parser bug is ours: retry later, never a drop
             self.log.failure("parser failed on message {queue_id} from {peer}", queue_id=queue_id, peer=self.peer_ip)
             return verdict(replies.LOCAL_ERROR, size=len(raw))
@@ -829,6 +882,7 @@ class SMTPSession(ESMTP):
         self.metrics.message_answered(reply)
         if reply.is_success:
             self.messages_accepted += 1
+            self._junk_commands = 0
         else:
             self.messages_rejected += 1
         log_message_outcome(
@@ -863,6 +917,7 @@ class SMTPSessionFactory(SMTPFactory):
         trusted_account: Account | None = None,
         message_rate: AccountRateLimiter | None = None,
         metrics: Metrics | None = None,
+        admission: Admission | None = None,
     ):
         super().__init__(portal)
         self.policy = policy
@@ -872,6 +927,7 @@ class SMTPSessionFactory(SMTPFactory):
         self.trusted_account = trusted_account
         self.message_rate = message_rate
         self.metrics = metrics if metrics is not None else Metrics()
+        self.admission = admission if admission is not None else Admission(policy.limits, clock)
 
     def buildProtocol(self, addr: Any) -> SMTPSession:
         session = SMTPSession(
@@ -883,6 +939,7 @@ class SMTPSessionFactory(SMTPFactory):
             self.trusted_account,
             self.message_rate,
             self.metrics,
+            admission=self.admission,
         )
         session.factory = self
         return session

@@ -8,6 +8,8 @@ TLS 1.2 only forward-secret (ECDHE) AEAD suites -- no CBC, no RSA key
 exchange, no SHA-1 MACs.  TLS 1.3 suites are OpenSSL's defaults, all of which
 meet that bar.  The DHE suites of the Mozilla list are left out so no DH
 parameter file is needed; every client that lacks ECDHE also lacks TLS 1.2.
+Key exchange groups are Mozilla's list too (X25519, P-256, P-384); OpenSSL
+would otherwise also offer X448 and P-521, which the profile excludes.
 
 Cipher order: Mozilla says the server may leave the choice to the client.
 Twisted always sets OP_CIPHER_SERVER_PREFERENCE; we keep it, since every suite
@@ -31,6 +33,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.bindings.openssl.binding import Binding
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
@@ -63,6 +66,8 @@ MOZILLA_INTERMEDIATE_CIPHERS = ":".join(
     ]
 )
 
+MOZILLA_INTERMEDIATE_GROUPS = b"X25519:prime256v1:secp384r1"
+
 DEV_CERT_NAME = "dev-cert.pem"
 DEV_KEY_NAME = "dev-key.pem"
 DEV_CERT_LIFETIME = timedelta(days=365)
@@ -88,11 +93,25 @@ def server_context_factory(certificate: Path, private_key: Path) -> CertificateO
             ),
             raiseMinimumTo=TLSVersion.TLSv1_2,
         )
-        options.getContext()  # build now, so OpenSSL objections surface at start-up
+        # Build now, so OpenSSL objections surface at start-up; the options keep
+        # this context for every connection.
+        _restrict_groups(options.getContext())
     except (SSL.Error, ValueError) as error:
         message = f"TLS certificate {certificate}: rejected by OpenSSL: {error}"
         raise TLSConfigError(message) from error
     return options
+
+
+def _restrict_groups(context: SSL.Context) -> None:
+    """Limit (EC)DHE groups to Mozilla's intermediate list.
+
+    pyOpenSSL has no API for the group list; OpenSSL's SSL_CTX_set1_curves_list
+    (an alias of SSL_CTX_set1_groups_list) is reached through cryptography's
+    bindings, as Twisted does for its ECDH setup (twisted.internet._sslverify).
+    """
+    lib = Binding.lib
+    if lib.SSL_CTX_set1_curves_list(context._context, MOZILLA_INTERMEDIATE_GROUPS) != 1:
+        raise SSL.Error("cannot restrict the TLS key exchange groups")
 
 
 def certificate_expiry(certificate: Path) -> datetime:

@@ -296,15 +296,21 @@ def connect(
     parse: Any = parse_message,
     clock: Clock | None = None,
     message_rate: Any = None,
+    admission: Any = None,
+    greeting: str | None = None,
     **policy: Any,
 ) -> Client:
-    """Open a session (greeting consumed and checked) and return its Client."""
+    """Open a session (greeting consumed and checked) and return its Client.
+
+    ``admission`` shares a :class:`mailgate.admission.Admission` between sessions;
+    ``greeting`` is the expected first reply when it is not the usual 220."""
     clock = clock or Clock()
     deliverer = deliverer or FakeDeliverer()
     store = store if store is not None else MemoryAccountStore(ACCOUNTS)
     portal = Portal(AccountRealm(), [AccountStoreChecker(store)])
     session = SMTPSession(
-        make_policy(role, **policy), portal, deliverer, clock, parse, trusted_account, message_rate
+        make_policy(role, **policy), portal, deliverer, clock, parse, trusted_account, message_rate,
+        admission=admission,
     )
     peer_address = (
         address.IPv6Address("TCP", peer, 40000) if ipv6 else address.IPv4Address("TCP", peer, 40000)
@@ -314,7 +320,7 @@ def connect(
     transport.protocol = session
     session.makeConnection(transport)
     client = Client(session, transport, clock, deliverer)
-    assert client.replies() == [f"220 {HOSTNAME} ESMTP mailgate"]
+    assert client.replies() == [greeting or f"220 {HOSTNAME} ESMTP mailgate"]
     return client
 
 

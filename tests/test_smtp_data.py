@@ -267,7 +267,7 @@ def test_disconnect_while_delivering_is_quiet():
 
 def test_reading_paused_while_blocked_with_large_backlog():
     """A client flooding data while a reply is pending is paused, and resumed once answered."""
-    client = authed_client(deliverer=FakeDeliverer(outcome=None))
+    client = authed_client(deliverer=FakeDeliverer(outcome=None), max_junk_commands=100000)
     client.transaction()
     client.send(stuff(MESSAGE) + b".\r\n")
     client.send(b"NOOP\r\n" * 50000)
@@ -442,7 +442,9 @@ def test_unparsable_message():
     for level in reversed(range(depth)):
         parts.append(b"--b%d--\r\n" % level)
     client = authed_client()
-    assert client.message(b"".join(parts)) == ["554 5.6.0 Message could not be parsed"]
+    assert client.message(b"".join(parts)) == [
+        f"554 5.6.0 Message could not be parsed: MIME parts nested deeper than {MAX_DEPTH} levels"
+    ]
     assert client.deliverer.calls == []
     assert client.message() == [OK]
 
@@ -469,7 +471,9 @@ def test_unparsable_message_is_permanent():
         raise MessageParseError("MIME structure is nested too deeply")
 
     client = authed_client(parse=refusing_parse)
-    assert client.message() == ["554 5.6.0 Message could not be parsed"]
+    assert client.message() == [
+        "554 5.6.0 Message could not be parsed: MIME structure is nested too deeply"
+    ]
     assert not client.closed
 
 

@@ -44,6 +44,11 @@ class Gateway:
 
 @pytest.fixture
 def tls_files(tmp_path: Path) -> tuple[Path, Path, Path]:
+    return make_tls_files(tmp_path)
+
+
+def make_tls_files(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A trustme CA and a localhost certificate: (chain, key, CA) PEM paths."""
     ca = trustme.CA()
     cert = ca.issue_cert("localhost", "127.0.0.1")
     chain, key, ca_path = tmp_path / "fullchain.pem", tmp_path / "privkey.pem", tmp_path / "ca.pem"
@@ -70,8 +75,10 @@ def write_config(
     api_url: str,
     extra: str = "",
     provider: str | None = None,
+    limits: str = "",
 ) -> Path:
-    """A complete configuration; ``provider`` replaces the default ``[providers.api]`` table."""
+    """A complete configuration; ``provider`` replaces the default ``[providers.api]`` table,
+    ``limits`` adds lines to ``[limits]``."""
     chain, key, _ = tls_files
     config = tmp / "mailgate.toml"
     config.write_text(
@@ -105,6 +112,7 @@ api_timeout = 2
 max_message_size = "1MiB"
 max_recipients = 50
 auth_failure_delay = 0.05
+{limits}
 
 [accounts]
 store = "file"
@@ -124,11 +132,16 @@ async def gateway(tmp_path: Path, tls_files: tuple[Path, Path, Path], monkeypatc
 
 
 async def file_store_gateway(
-    tmp_path: Path, tls_files: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch, extra: str = ""
+    tmp_path: Path,
+    tls_files: tuple[Path, Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    extra: str = "",
+    limits: str = "",
 ) -> Any:
-    """The ``gateway`` fixture's gateway; ``extra`` is appended to its configuration."""
+    """The ``gateway`` fixture's gateway; ``extra`` is appended to its configuration,
+    ``limits`` to its ``[limits]`` table."""
     monkeypatch.setenv("MAILGATE_TEST_API_TOKEN", TEST_API_TOKEN)
-    async for gateway in gateway_with_accounts(tmp_path, tls_files, extra=extra):
+    async for gateway in gateway_with_accounts(tmp_path, tls_files, extra=extra, limits=limits):
         yield gateway
 
 
@@ -137,15 +150,16 @@ async def gateway_with_accounts(
     tls_files: tuple[Path, Path, Path],
     provider: Callable[[str], str] | None = None,
     extra: str = "",
+    limits: str = "",
 ) -> Any:
     """A running gateway with the accounts of :data:`PASSWORDS`, made by ``mailgate account add``.
 
     ``provider(api_url)`` gives the ``[providers.api]`` table (default: the webhook);
-    ``extra`` is appended to the configuration.
+    ``extra`` is appended to the configuration, ``limits`` to its ``[limits]`` table.
     """
     api = FakeEmailAPI()
     await api.start(reactor)
-    config_path = write_config(tmp_path, tls_files, api.url, extra, provider=provider(api.url) if provider else None)
+    config_path = write_config(tmp_path, tls_files, api.url, extra, provider=provider(api.url) if provider else None, limits=limits)
     for user, password in PASSWORDS.items():
         args = ["account", "add", "--config", str(config_path), user, "--password", password, "--cram-md5"]
         if user == "restricted":
@@ -210,12 +224,19 @@ def smtplib_send(
     sender: str,
     recipients: Sequence[str],
     message: bytes,
+    source: str = "127.0.0.1",
 ) -> SMTPResult:
-    """Send one message with Python's smtplib and return the reply to the final dot."""
+    """Send one message with Python's smtplib and return the reply to the final dot.
+
+    ``source`` is the client's loopback address (any of 127.0.0.0/8), so tests can
+    play a second client host."""
+    bind = (source, 0)
     if implicit_tls:
-        client: smtplib.SMTP = smtplib.SMTP_SSL("127.0.0.1", port, context=context, timeout=10)
+        client: smtplib.SMTP = smtplib.SMTP_SSL(
+            "127.0.0.1", port, context=context, timeout=10, source_address=bind
+        )
     else:
-        client = smtplib.SMTP("127.0.0.1", port, timeout=10)
+        client = smtplib.SMTP("127.0.0.1", port, timeout=10, source_address=bind)
     try:
         client.ehlo("client.example")
         if not implicit_tls:
