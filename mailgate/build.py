@@ -294,12 +294,8 @@ def build_queue(
         spool.lock()
     except SpoolLocked as e:
         raise ConfigError("server.state_dir", str(e)) from None
-    except FileNotFoundError:
-        raise ConfigError(
-            "server.state_dir", f"{config.server.state_dir} does not exist (create it, writable by mailgate)"
-        ) from None
-    except OSError as e:
-        raise ConfigError("server.state_dir", f"cannot use {spool.directory}: {e.strerror or e}") from None
+    except OSError:
+        pass  # No state directory yet: the queue opens it when it appears (QueueRunner).
     queue = config.queue
     run_in_thread = in_thread_pool(reactor)
     runner = QueueRunner(
@@ -384,7 +380,7 @@ def build_service(
     # /readyz.
     readiness = {
         "listeners": lambda: all_listening(listeners),
-        "state_dir": lambda: directory_writable(spool.tmp),  # where the spool writes
+        "state_dir": lambda: runner.open_spool() and directory_writable(spool.tmp),
         "routes": lambda: any(dispatcher.usable(name) for name in dispatcher.default_route),
     }
     if config.admin.endpoint is not None:

@@ -58,6 +58,7 @@ from mailgate.spool import (
     Envelope,
     JournalRecord,
     Spool,
+    SpoolLocked,
     headers_of,
     is_disk_full,
 )
@@ -71,6 +72,7 @@ SENDING = "sending"  # an attempt is in progress
 STATES = (QUEUED, DEFERRED, SENDING)
 
 EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
+REOPEN_INTERVAL = 10.0  # seconds between attempts to open a spool that could not be opened
 
 
 def synchronous(f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
@@ -163,15 +165,48 @@ class QueueRunner(Service):
         self._in_flight: set[_Entry] = set()
         self._idle_waiters: list[defer.Deferred[None]] = []
         self._accepting = False
+        self._reopen_timer: Any = None
+        self._closed_logged = False
+        self._on_open: list[Callable[[], None]] = []
         self._removals: list[str] = []
         self._removing = False
 
     # -- service ----------------------------------------------------------------
 
     def startService(self) -> None:
-        """Recover the spool and start delivering (call after :meth:`Spool.lock`)."""
+        """Open the spool (lock, recover) and start delivering.
+
+        The state directory is the operator's to create (mailgate never creates
+        it).  While it is missing the queue is closed: queue-mode messages are
+        answered 451 4.3.0, /readyz says ``state_dir``, and the spool is opened
+        as soon as the directory appears (checked every ``REOPEN_INTERVAL``
+        seconds and by :meth:`open_spool`)."""
         super().startService()
-        found = self.spool.recover()
+        self._open_spool()
+
+    def _open_spool(self) -> bool:
+        if self._accepting:
+            return True
+        if self._reopen_timer is not None and self._reopen_timer.active():
+            self._reopen_timer.cancel()
+        self._reopen_timer = None
+        if not self.running:
+            return False
+        try:
+            if not self.spool.locked:
+                self.spool.lock()
+            found = self.spool.recover()
+        except (OSError, SpoolLocked) as e:
+            if not self._closed_logged:
+                self._closed_logged = True
+                self.log.warn(
+                    "queue closed: cannot open the spool {directory} ({error}); retrying every {interval:g} s",
+                    directory=str(self.spool.directory),
+                    error=str(e),
+                    interval=REOPEN_INTERVAL,
+                )
+            self._reopen_timer = self.clock.callLater(REOPEN_INTERVAL, self._open_spool)
+            return False
         now = self.clock.seconds()
         for envelope, state in found.entries:
             entry = _Entry(envelope, state, extra_files=True)
@@ -184,12 +219,39 @@ class QueueRunner(Service):
             temporaries=found.temporaries_removed,
         )
         self._accepting = True
+        callbacks, self._on_open = self._on_open, []
+        for callback in callbacks:
+            callback()
         self._pump()
+        return True
+
+    def when_open(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the spool is open (now, if it is)."""
+        if self._accepting:
+            callback()
+        else:
+            self._on_open.append(callback)
+
+    @property
+    def is_open(self) -> bool:
+        """The spool is open: queue mode can accept messages."""
+        return self._accepting
+
+    def open_spool(self) -> bool:
+        """Open the spool now if it is closed and can be (the /readyz probe calls
+        this, so a state directory created by the operator is used at once).
+        Before start-up: whether the spool could be locked."""
+        if not self.running:
+            return self.spool.locked
+        return self._open_spool()
 
     def stopService(self) -> defer.Deferred[None]:
         """Start no new attempt; wait (up to ``shutdown_grace``) for those in progress."""
         super().stopService()
         self._accepting = False
+        if self._reopen_timer is not None and self._reopen_timer.active():
+            self._reopen_timer.cancel()
+        self._reopen_timer = None
         for entry in self._entries.values():
             if entry.timer is not None and entry.timer.active():
                 entry.timer.cancel()
@@ -704,6 +766,9 @@ class QueueDeliverer:
         refused = self.refusal(email, account) if self.refusal is not None else None
         if refused is not None:
             return defer.succeed(refused)
+        if not self.runner.is_open:
+            # No state directory (yet), or the server is stopping: the client keeps it.
+            return defer.succeed(NotQueued(replies.SPOOL_ERROR))
         envelope = Envelope(
             queue_id=queue_id,
             arrival=self.clock.seconds(),

@@ -105,6 +105,12 @@ class ControlService(Service):
 
     def startService(self) -> None:
         super().startService()
+        # The socket lives in the queue directory: listen once the spool is open.
+        self.runner.when_open(self._listen)
+
+    def _listen(self) -> None:
+        if not self.running or self.port is not None:
+            return
         # A socket file left by a killed server: we hold the queue lock, so no
         # live server can be listening on it.
         try:

@@ -284,6 +284,11 @@ class Spool:
         os.write(fd, f"{os.getpid()}\n".encode("ascii"))
         self._lock_fd = fd
 
+    @property
+    def locked(self) -> bool:
+        """This process holds the lock."""
+        return self._lock_fd is not None
+
     def unlock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)

@@ -90,6 +90,7 @@ def test_second_server_on_one_state_dir_is_refused(tmp_path: Path) -> None:
     from mailgate.dispatch import Dispatcher
 
     config = file_config(tmp_path)
+    config.server.state_dir.mkdir()
     dispatcher = Dispatcher({}, (), Clock())
     spool, _, _ = build_queue(config, Clock(), dispatcher)
     try:

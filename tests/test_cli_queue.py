@@ -37,6 +37,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 def make_queue(state_dir: Path, arrival: float) -> Path:
     """A queue with one fresh and one deferred message."""
+    state_dir.mkdir(exist_ok=True)
     spool = Spool(state_dir / "queue")
     spool.create()
     account = Account(name="alice", route=("main",), provider_settings={"main": {"token": SECRET}})
@@ -188,7 +189,11 @@ def test_control_socket_that_cannot_be_bound_is_logged_not_fatal(tmp_path: Path,
         def listenUNIX(self, *args: Any, **kwargs: Any) -> Any:
             raise CannotListenError(None, "x" * 120, OSError("AF_UNIX path too long"))
 
-    control = ControlService(object(), tmp_path / "control.sock", Refusing())
+    class Open:
+        def when_open(self, callback: Any) -> None:
+            callback()
+
+    control = ControlService(Open(), tmp_path / "control.sock", Refusing())
     control.startService()
     [event] = logged_errors.take()
     assert "AF_UNIX path too long" in event["error"]

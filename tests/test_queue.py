@@ -438,18 +438,18 @@ def test_snapshot_reports_the_oldest_age(harness: Any) -> None:
 
 
 def test_shutdown_waits_for_attempts_in_progress(harness: Any) -> None:
-    """Stopping starts no new attempt and waits for the running one; a message the
-    stopping queue was handed stays on disk for the next start."""
+    """Stopping starts no new attempt and waits for the running one; a message that
+    arrives after the queue stopped is refused with 451 4.3.0 (the client keeps it)."""
     transport = ScriptedTransport(PENDING)
     h = harness(p1=transport)
     h.accept(queue_id="AAAAAAAAAAAAAAAAAAAAAA")
     stopped = h.runner.stopService()
     assert not stopped.called
-    h.accept(queue_id="BBBBBBBBBBBBBBBBBBBBBB")
+    assert str(h.accept(queue_id="BBBBBBBBBBBBBBBBBBBBBB").reply()).startswith("451 4.3.0")
     assert len(transport.sent) == 1
     transport.pending[0].callback(ok())
     assert stopped.called
-    assert h.spool.ids() == ["BBBBBBBBBBBBBBBBBBBBBB"]
+    assert h.spool.ids() == []
 
 
 def test_shutdown_grace_leaves_a_stuck_attempt_in_the_spool(harness: Any) -> None:
@@ -484,3 +484,26 @@ class FakeDeliverer:
 
     def deliver(self, email: Any, account: Account, queue_id: str) -> str:
         return self.answer
+
+
+def test_queue_opens_when_the_state_directory_appears(tmp_path: Path) -> None:
+    """mailgate never creates its state directory: until it exists queue mode answers
+    451 4.3.0 (the client keeps the message); once it does, the queue opens (at the
+    next check, or at once when asked) and accepts."""
+    clock = Clock()
+    state = tmp_path / "state"
+    spool = Spool(state / "queue")
+    transport = ScriptedTransport()
+    dispatcher = Dispatcher({"p1": Route(WebhookProvider("p1", {"url": "https://p1.example/v1"}), transport)}, ("p1",), clock)
+    runner = QueueRunner(spool, dispatcher, clock, RetryPolicy(), hostname="mx.example.net")
+    deliverer = QueueDeliverer(spool, runner, clock)
+    runner.startService()
+    email = parse_message(RAW, "app@example.com", ("b@example.org",))
+    assert str(deliverer.deliver(email, ACCOUNT, "A" * 22).result.reply()).startswith("451 4.3.0")
+    assert not runner.open_spool() and not state.exists()
+    state.mkdir()
+    clock.advance(10)
+    assert runner.is_open
+    assert deliverer.deliver(email, ACCOUNT, "B" * 22).result == Queued("B" * 22)
+    assert len(transport.sent) == 1
+    runner.stopService()

@@ -73,7 +73,6 @@ def write_config(
 ) -> Path:
     """A complete configuration; ``provider`` replaces the default ``[providers.api]`` table."""
     chain, key, _ = tls_files
-    (tmp / "state").mkdir(exist_ok=True)  # mailgate never creates its state directory
     config = tmp / "mailgate.toml"
     config.write_text(
         f"""

@@ -35,6 +35,7 @@ async def queue_gateway(tmp_path: Path, tls_files: Any, monkeypatch: pytest.Monk
     monkeypatch.setenv("MAILGATE_TEST_API_TOKEN", "test-api-token-not-a-secret")
     api = FakeEmailAPI()
     await api.start(reactor)
+    (tmp_path / "state").mkdir()  # mailgate never creates its state directory
     config_path = write_config(tmp_path, tls_files, api.url, extra=QUEUE_SETTINGS)
     config_path.write_text(config_path.read_text().replace('mode = "sync"', 'mode = "queue"'))
     assert cli_main(["account", "add", "--config", str(config_path), "alice", "--password", PASSWORDS["alice"]]) == 0
