@@ -4,6 +4,7 @@ Start: the queue recovers its spool before any listener accepts a message, so
 that a message accepted at once is never behind one that was only recovered
 into memory later.  Stop (SIGTERM: twistd stops the application service):
 
+0. services in ``stop_first`` stop (systemd hears ``STOPPING=1`` at once);
 1. every listener's sessions are told to stop: new connections and idle
    sessions get ``421 4.3.2``; a message being received (DATA) or answered is
    finished first, and its client hears the verdict (with queue mode, only
@@ -40,6 +41,7 @@ class GatewayService(MultiService):
         self.clock = clock
         self.shutdown_grace = shutdown_grace
         self.early: list[IService] = []
+        self.stop_first: list[IService] = []
         self.listeners: list[IService] = []
         self.factories: list[Any] = []
 
@@ -52,12 +54,14 @@ class GatewayService(MultiService):
     def stopService(self) -> Any:
         Service.stopService(self)
         self.log.info("stopping: no new connections or messages; finishing messages in progress")
+        yield _all(service.stopService() for service in self.stop_first)
         drained = [factory.shutdown() for factory in self.factories]
         yield _all(service.stopService() for service in self.listeners)
         yield self._within_grace(defer.DeferredList(drained, consumeErrors=True), self._cut_off_sessions)
         for service in self.early:
             yield service.stopService()
-        late = [s for s in reversed(list(self)) if s not in self.early and s not in self.listeners]
+        done = {*self.early, *self.listeners, *self.stop_first}
+        late = [s for s in reversed(list(self)) if s not in done]
         yield _all(service.stopService() for service in late)
 
     def _cut_off_sessions(self) -> None:
