@@ -1,4 +1,4 @@
-"""One benchmark run: mailgate (sync mode) vs the aiosmtpd + aiohttp baseline.
+"""One benchmark run: mailgate (sync and queue mode) vs the aiosmtpd + aiohttp baseline.
 
     .venv/bin/python bench/run.py            # from the repository root, after pip install ".[bench]"
 
@@ -9,6 +9,12 @@ loopback ports, waits for their 220 banners, warms both up, then runs every
 scenario ``--reps`` times, alternating the two servers (and the order of the
 pair on each repetition), each load generator run in its own process.
 Prints the medians as a markdown table and the ratios against the targets.
+
+``mailgate-queue`` is a second mailgate process in queue mode (its own spool,
+fsync on, as always): its msg/s is the rate at which messages are accepted
+(250 "queued as"), and after each of its runs the sink is watched until every
+accepted message has arrived: "drain msg/s" = accepted messages / (load time +
+time until the sink has them all).  Drain keeping up means the two are close.
 All processes are stopped at the end, also on error or Ctrl-C.
 
 Scenarios:
@@ -104,13 +110,14 @@ def mailgate_env() -> dict[str, str]:
     return env
 
 
-def write_config(directory: Path, cert: Path, key: Path, port: int, sink_port: int) -> Path:
-    config = directory / "mailgate.toml"
+def write_config(directory: Path, cert: Path, key: Path, port: int, sink_port: int, mode: str = "sync") -> Path:
+    config = directory / f"mailgate-{mode}.toml"
+    (directory / ("state" if mode == "sync" else "state-" + mode)).mkdir(exist_ok=True)
     config.write_text(
         f"""\
 [server]
 hostname = "localhost"
-state_dir = "{directory / 'state'}"
+state_dir = "{directory / ('state' if mode == 'sync' else 'state-' + mode)}"
 
 [tls]
 certificate = "{cert}"
@@ -121,7 +128,7 @@ endpoint = "tcp:{port}:interface=127.0.0.1"
 role = "submission"
 
 [delivery]
-mode = "sync"
+mode = "{mode}"
 api_timeout = 30
 
 [limits]
@@ -248,6 +255,16 @@ def loadgen(argv: list[str], server_pid: int | None, sink_pid: int, timeout: flo
     return out
 
 
+def wait_for_drain(sink_port: int, target: int, timeout: float = 300) -> float:
+    """Seconds until the sink has seen ``target`` requests (queue mode's backlog drained)."""
+    started = time.monotonic()
+    while sink_stats(sink_port)["requests"] < target:
+        if time.monotonic() - started > timeout:
+            raise RuntimeError(f"queue did not drain within {timeout} s")
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
 # -- main ----------------------------------------------------------------------
 
 
@@ -261,7 +278,8 @@ def main() -> int:
     parser.add_argument("--oneshot-concurrency", type=int, default=20)
     parser.add_argument("--seq", type=int, default=200, help="(c) sequential messages")
     parser.add_argument("--scenarios", default="abc")
-    parser.add_argument("--only", choices=("mailgate", "baseline"), default=None, help="run one server only")
+    parser.add_argument("--only", choices=("mailgate", "mailgate-queue", "baseline"), action="append", default=None,
+                        help="run only this server (repeatable)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     parser.add_argument("--json-out", default=None, help="also write all raw results here")
     parser.add_argument("--profile", default=None, metavar="DIR",
@@ -275,22 +293,26 @@ def main() -> int:
     try:
         (tmp / "state").mkdir()
         cert, key = make_certificate(tmp)
-        sink_port, mg_port, bl_port = free_port(), free_port(), free_port()
+        sink_port, mg_port, mq_port, bl_port = free_port(), free_port(), free_port(), free_port()
         config = write_config(tmp, cert, key, mg_port, sink_port)
+        queue_config = write_config(tmp, cert, key, mq_port, sink_port, mode="queue")
         api_key = make_accounts(config)
         user, password = ("benchkey", api_key) if args.auth == "apikey" else ("bench", "benchpass")
 
         sink = procs.start([PYTHON, str(HERE / "sink.py"), "--port", str(sink_port), "--token", TOKEN], tmp / "sink.log")
         wait_for_port(sink_port, sink)
         servers: dict[str, tuple[int, subprocess.Popen]] = {}
-        if args.only in (None, "mailgate"):
-            log = tmp / "mailgate.log"
-            proc = procs.start(
-                [TWISTD, "-n", "--pidfile=", f"--logfile={tmp / 'mailgate-twistd.log'}", "mailgate", "--config", str(config)],
-                log, cwd=REPO, env=mailgate_env(),
-            )
-            servers["mailgate"] = (mg_port, proc)
-        if args.only in (None, "baseline"):
+        wanted = args.only or ["mailgate", "mailgate-queue", "baseline"]
+        for name, port, path in (("mailgate", mg_port, config), ("mailgate-queue", mq_port, queue_config)):
+            if name in wanted:
+                log = tmp / f"{name}.log"
+                proc = procs.start(
+                    [TWISTD, "-n", "--pidfile=", f"--logfile={tmp / (name + '-twistd.log')}", "mailgate",
+                     "--config", str(path)],
+                    log, cwd=REPO, env=mailgate_env(),
+                )
+                servers[name] = (port, proc)
+        if "baseline" in wanted:
             log = tmp / "baseline.log"
             proc = procs.start(
                 [PYTHON, str(HERE / "baseline_aiosmtpd.py"), "--port", str(bl_port), "--cert", str(cert),
@@ -302,8 +324,8 @@ def main() -> int:
             servers["baseline"] = (bl_port, proc)
         for name, (port, proc) in servers.items():
             wait_for_banner(port, proc, tmp / f"{name}.log")
-        print(f"# temp dir {tmp}; sink :{sink_port}, mailgate :{mg_port}, baseline :{bl_port}; auth={args.auth}",
-              file=sys.stderr)
+        print(f"# temp dir {tmp}; sink :{sink_port}, mailgate :{mg_port}, mailgate-queue :{mq_port}, "
+              f"baseline :{bl_port}; auth={args.auth}", file=sys.stderr)
 
         common = ["--user", user, "--password", password]
         scenarios = {
@@ -316,6 +338,8 @@ def main() -> int:
             for mode, extra in (("persistent", ["--sessions", "4", "--messages", "25"]),
                                 ("oneshot", ["--total", "20", "--concurrency", "4"])):
                 loadgen([mode, "--port", str(port), *common, *extra], proc.pid, sink.pid)
+                if name == "mailgate-queue":
+                    wait_for_drain(sink_port, sink_stats(sink_port)["requests"])
         sink_url = f"http://127.0.0.1:{sink_port}/v1/emails"
         loadgen(["http", "--url", sink_url, "--total", "100", "--token", TOKEN], None, sink.pid)
 
@@ -327,13 +351,21 @@ def main() -> int:
                 mode, extra = scenarios[scenario]
                 for name in order:
                     port, proc = servers[name]
+                    before = sink_stats(sink_port)["requests"]
                     out = loadgen([mode, "--port", str(port), *common, *extra, "--label", f"{scenario}/{name}"],
                                   proc.pid, sink.pid)
+                    if name == "mailgate-queue":
+                        backlog = before + out["ok"] - sink_stats(sink_port)["requests"]
+                        tail = wait_for_drain(sink_port, before + out["ok"])
+                        out["backlog_at_end"] = backlog
+                        out["drain_msgs_per_s"] = round(out["ok"] / (out["wall_s"] + tail), 2)
                     results[scenario][name].append(out)
-                    print(f"  rep {rep + 1} ({scenario}) {name:8s}: {out['msgs_per_s']:8.1f} msg/s  "
+                    drain = f"  drain {out['drain_msgs_per_s']:.1f} msg/s (backlog {out['backlog_at_end']})" \
+                        if "drain_msgs_per_s" in out else ""
+                    print(f"  rep {rep + 1} ({scenario}) {name:14s}: {out['msgs_per_s']:8.1f} msg/s  "
                           f"p50 {out['p50_ms']:7.2f} ms  p99 {out['p99_ms']:7.2f} ms  err {out['errors']}  "
                           f"cpu server {out['server_cpu_pct']}% sink {out['sink_cpu_pct']}% "
-                          f"loadgen {out['loadgen_cpu_pct']}%", file=sys.stderr)
+                          f"loadgen {out['loadgen_cpu_pct']}%{drain}", file=sys.stderr)
                 if scenario == "c":
                     out = loadgen(["http", "--url", sink_url, "--total", str(args.seq), "--token", TOKEN],
                                   None, sink.pid)
@@ -446,6 +478,19 @@ def report(results, servers, args, oneshot_total, elapsed, stats) -> None:
         if "a" in args.scenarios:
             ratio = med(results["a"]["baseline"], "p50_ms") / med(results["a"]["mailgate"], "p50_ms")
             print(f"| (a) p50 latency baseline/mailgate (info) | {ratio:.2f}x | - | - |")
+    if "mailgate-queue" in servers and "baseline" in servers:
+        if not both:
+            print("| target | measured | goal | met |")
+            print("|---|---:|---:|---|")
+        for s in args.scenarios:
+            runs, base = results[s]["mailgate-queue"], med(results[s]["baseline"], "msgs_per_s")
+            accepted, drained = med(runs, "msgs_per_s"), med(runs, "drain_msgs_per_s")
+            met = accepted / base >= 1.5
+            print(f"| {names[s]}: mailgate-queue accepted / baseline sync msg/s | {accepted / base:.2f}x | >= 1.5x | "
+                  f"{'yes' if met else 'NO'} |")
+            print(f"| {names[s]}: mailgate-queue drain / accepted msg/s | {drained:.1f} / {accepted:.1f} "
+                  f"(backlog at end {med(runs, 'backlog_at_end'):.0f}) | drain keeps up | "
+                  f"{'yes' if drained >= 0.9 * accepted else 'NO'} |")
     if "c" in args.scenarios:
         direct = med(results["c"]["http"], "p50_ms")
         for name in servers:

@@ -28,15 +28,21 @@ from mailgate.admission import Admission
 from mailgate.config import Config, ConfigError, LimitsConfig, ListenerConfig, ProviderConfig, load_config
 from mailgate.dispatch import Dispatcher, Route
 from mailgate.endpoints import listener_endpoint
-from mailgate.events import make_event_sink
+from mailgate.events import EventSink, NullEventSink, make_event_sink
 from mailgate.interfaces import IAccountStore, IDeliverer
+from mailgate.lifecycle import GatewayService
 from mailgate.listeners import ListenerService, all_listening, listener_names
 from mailgate.metrics import Metrics
+from mailgate.modes import ModeDeliverer
 from mailgate.providers import registry
 from mailgate.providers.providertype import ProviderType
+from mailgate.queue import QueueDeliverer, QueueRunner
+from mailgate.queuecontrol import ControlService
 from mailgate.ratelimit import AccountRateLimiter, MessageRate, RequestLimits
 from mailgate.reload import Parts, Reloader
+from mailgate.retry import RetryPolicy
 from mailgate.smtp import SessionPolicy, SMTPSessionFactory
+from mailgate.spool import Spool, SpoolLocked
 from mailgate.tls import (
     ReloadableContextFactory,
     TLSConfigError,
@@ -283,6 +289,46 @@ def endpoint_from(reactor: Any, description: str, key: str) -> Any:
         raise ConfigError(key, f"invalid endpoint string: {e}") from None
 
 
+def in_thread_pool(reactor: Any) -> Callable[..., Any]:
+    """``run_in_thread(f, *args)`` on the reactor's thread pool (blocking spool I/O)."""
+
+    def run(f: Callable[..., Any], *args: Any) -> Any:
+        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+    return run
+
+
+def build_queue(
+    config: Config, reactor: Any, dispatcher: Dispatcher, events: EventSink | NullEventSink | None = None
+) -> tuple[Spool, QueueRunner, QueueDeliverer]:
+    """The spool under ``state_dir/queue``, locked for this process, its runner and
+    queue mode's deliverer.  Built whatever the configured mode: a queue left by
+    an earlier run in queue mode is delivered after a switch to sync mode too."""
+    spool = Spool(config.server.state_dir / "queue")
+    try:
+        spool.lock()
+    except SpoolLocked as e:
+        raise ConfigError("server.state_dir", str(e)) from None
+    except OSError:
+        pass  # No state directory yet: the queue opens it when it appears (QueueRunner).
+    queue = config.queue
+    run_in_thread = in_thread_pool(reactor)
+    runner = QueueRunner(
+        spool,
+        dispatcher,
+        reactor,
+        RetryPolicy(first_retry=queue.first_retry, max_retry_interval=queue.max_retry_interval, lifetime=queue.lifetime),
+        hostname=config.server.hostname,
+        parse=make_parser(reactor),
+        run_in_thread=run_in_thread,
+        events=events,
+        max_in_flight=queue.max_in_flight,
+        shutdown_grace=config.server.shutdown_grace,
+    )
+    deliverer = QueueDeliverer(spool, runner, reactor, refusal=dispatcher.refusal, run_in_thread=run_in_thread)
+    return spool, runner, deliverer
+
+
 def build_service(
     config: Config,
     reactor: Any,
@@ -319,25 +365,38 @@ def build_service(
     names = listener_names(config.listeners)
     metrics.declare(names, config.providers)
     admission = Admission(config.limits, reactor)  # One for all listeners: limits are per process.
-    top = MultiService()
+    endpoints = [
+        endpoint_from(reactor, listener.endpoint, f"listeners[{index}].endpoint")
+        for index, listener in enumerate(config.listeners)
+    ]
+    # The events sink outlives the queue at shutdown (GatewayService stops it
+    # last): the queue's last outcomes are reported, and its own stop makes a
+    # last, bounded attempt for the events still held.
+    events = make_event_sink(config.events, reactor, http_client)
+    spool, runner, queue_deliverer = build_queue(config, reactor, dispatcher, events)
+    top = GatewayService(reactor, config.server.shutdown_grace)
     listeners, smtp_factories = [], []
-    for index, (listener, name) in enumerate(zip(config.listeners, names, strict=True)):
-        endpoint = endpoint_from(reactor, listener.endpoint, f"listeners[{index}].endpoint")
+    for listener, name, endpoint in zip(config.listeners, names, endpoints, strict=True):
+        deliverer = ModeDeliverer(
+            listener.mode or config.delivery.mode, {"sync": dispatcher, "queue": queue_deliverer}
+        )
         factory = listener_factory(
-            config, listener, tls, portal, dispatcher, reactor, cram_md5, message_rate, name, metrics, admission
+            config, listener, tls, portal, deliverer, reactor, cram_md5, message_rate, name, metrics, admission
         )
         smtp_factories.append(getattr(factory, "wrappedFactory", factory))
         service = ListenerService(name, endpoint, factory)
         service.setServiceParent(top)
         listeners.append(service)
-    # After the listeners (their order matches config.listeners): stopping it
-    # makes a last attempt, bounded in time, for the events still held.
-    events = make_event_sink(config.events, reactor, http_client)
+    top.listeners.extend(listeners)
+    top.factories.extend(smtp_factories)
+    runner.setServiceParent(top)
+    top.early.append(runner)
+    ControlService(runner, spool.control_path, reactor).setServiceParent(top)
     events.setServiceParent(top)
-    # /readyz.  The queue's spool check replaces "state_dir" when it arrives.
+    # /readyz.
     readiness = {
         "listeners": lambda: all_listening(listeners),
-        "state_dir": lambda: directory_writable(config.server.state_dir),
+        "state_dir": lambda: runner.open_spool() and directory_writable(spool.tmp),
         "routes": lambda: any(dispatcher.usable(name) for name in dispatcher.default_route),
     }
     if config.admin.endpoint is not None:
@@ -346,6 +405,7 @@ def build_service(
     if load is None:
         source = config.source
         load = (lambda: load_config(source)) if source is not None else (lambda: config)
+    top.queue = runner  # type: ignore[attr-defined]
     top.dispatcher = dispatcher  # type: ignore[attr-defined]
     top.events = events  # type: ignore[attr-defined]
     top.message_rate = message_rate  # type: ignore[attr-defined]

@@ -1,5 +1,9 @@
 """The ``mailgate`` command: operator tasks outside the running server.
 
+``mailgate queue list|show|retry|delete|flush`` inspect and steer the queue
+(:mod:`mailgate.queuecontrol` explains how they cooperate with a running
+server: through its control socket, never by editing its files).
+
 ``mailgate account add|passwd|remove|list`` manage the ``file`` account store
 (:mod:`mailgate.accounts.filestore`).  Secrets are hashed before they touch the
 disk (scrypt for passwords, SHA-256 for generated API keys) and never echoed.
@@ -20,7 +24,9 @@ dispatches.  Errors print one line, ``mailgate: error: ...``, and exit 2.
 from __future__ import annotations
 
 import argparse
+import datetime
 import getpass
+import json
 import sys
 import tomllib
 from collections.abc import Callable, Sequence
@@ -29,10 +35,12 @@ from typing import Any, NoReturn
 
 import tomli_w
 
-from mailgate import passwords
+from mailgate import passwords, queuecontrol
 from mailgate.accounts.filestore import parse_account
 from mailgate.atomicfile import write_atomically
 from mailgate.configvalues import ConfigError
+from mailgate.queue import describe_entry
+from mailgate.spool import CorruptEntry, EntryState, Spool, SpoolLocked, headers_of, is_queue_id
 
 __all__ = ["main"]
 
@@ -158,7 +166,39 @@ def _build_parser() -> argparse.ArgumentParser:
         "--password-file", type=Path, metavar="FILE", help='file holding the password ("-": standard input)'
     )
     send.add_argument("--show-dialogue", action="store_true", help="print the SMTP dialogue (AUTH redacted)")
+    _queue_parser(commands)
     return parser
+
+
+def _queue_parser(commands: Any) -> None:
+    queue = commands.add_parser(
+        "queue",
+        help="inspect and steer the delivery queue (also while the server runs)",
+        description="Inspect and steer the queue of accepted messages.  While mailgate runs, "
+        "these commands go through its control socket; otherwise they work on the files.",
+    )
+    actions = queue.add_subparsers(title="queue commands", metavar="ACTION", required=True)
+
+    def action(name: str, handler: Callable[[argparse.Namespace], int], help: str) -> Any:
+        sub = actions.add_parser(name, help=help, description=help)
+        sub.set_defaults(handler=handler)
+        where = sub.add_mutually_exclusive_group(required=True)
+        where.add_argument("--config", type=Path, metavar="PATH", help="mailgate configuration file (its [server] state_dir)")
+        where.add_argument("--state-dir", type=Path, metavar="DIR", help="the server's state directory")
+        return sub
+
+    listing = action("list", _cmd_queue_list, "list queued messages: state, attempts, next attempt, last error")
+    listing.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+    show = action("show", _cmd_queue_show, "show one message: envelope, delivery state and headers")
+    show.add_argument("id", metavar="ID")
+    retry = action("retry", _cmd_queue_retry, "try a deferred message (or all of them) now")
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", metavar="ID", nargs="?")
+    which.add_argument("--all", action="store_true", help="every deferred message")
+    delete = action("delete", _cmd_queue_delete, "delete a message without notifying its sender")
+    delete.add_argument("id", metavar="ID")
+    flush = action("flush", _cmd_queue_flush, "try every queued message now and wait for the results (server must run)")
+    flush.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS", help="how long to wait (default 300)")
 
 
 def _secret_options(parser: argparse.ArgumentParser) -> None:
@@ -289,6 +329,200 @@ def _cmd_send_test(args: argparse.Namespace) -> int:
         print("\n".join(result.dialogue))
     print(result.reply)
     return EXIT_OK if 200 <= result.code < 300 else EXIT_FAILED
+def _cmd_queue_list(args: argparse.Namespace) -> int:
+    spool = _queue_spool(args)
+    entries = _queue_call(spool, "list", offline=lambda: _offline_entries(spool))
+    if args.json:
+        print(json.dumps(entries, indent=1))
+        return EXIT_OK
+    if not entries:
+        print("The queue is empty.")
+        return EXIT_OK
+    rows = [("ID", "STATE", "ARRIVED (UTC)", "TRIES", "NEXT ATTEMPT (UTC)", "SENDER -> RECIPIENTS")]
+    for entry in entries:
+        recipients = ", ".join(entry["recipients"])
+        rows.append(
+            (
+                entry["id"],
+                entry["state"],
+                _when(entry["arrival"]),
+                str(entry["attempts"]),
+                _when(entry["next_attempt"]) if entry["state"] == "deferred" else "-",
+                f"<{entry['sender']}> -> {recipients}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for index, row in enumerate(rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[5])
+        if index and entries[index - 1]["last_error"]:
+            print(" " * 4 + "last error: " + entries[index - 1]["last_error"])
+    print(f"{len(entries)} message{'s' if len(entries) != 1 else ''}")
+    return EXIT_OK
+
+
+def _cmd_queue_show(args: argparse.Namespace) -> int:
+    spool = _queue_spool(args)
+    queue_id = _queue_id(args.id)
+    entry = _queue_call(spool, "show", queue_id, offline=lambda: _offline_entry(spool, queue_id))
+    try:
+        _, raw = spool.load(queue_id)
+    except FileNotFoundError:
+        raise CommandError(f"no message {queue_id} in the queue") from None
+    except (CorruptEntry, OSError) as e:
+        raise CommandError(f"cannot read message {queue_id}: {e}") from None
+    fields = [
+        ("id", entry["id"]),
+        ("state", entry["state"]),
+        ("account", f"{entry['account']} (route: {', '.join(entry['route']) or 'server default'})"),
+        ("arrived", _when(entry["arrival"])),
+        ("sender", f"<{entry['sender']}>"),
+        ("recipients", ", ".join(entry["recipients"])),
+        ("attempts", str(entry["attempts"])),
+        ("last attempt", _when(entry["last_attempt"])),
+        ("next attempt", _when(entry["next_attempt"]) if entry["state"] == "deferred" else "-"),
+        ("last error", entry["last_error"] or "-"),
+        ("size", f"{len(raw)} bytes"),
+    ]
+    for name, value in fields:
+        print(f"{name + ':':14s}{value}")
+    print()
+    sys.stdout.write(headers_of(raw).decode("utf-8", "replace").replace("\r\n", "\n"))
+    return EXIT_OK
+
+
+def _cmd_queue_retry(args: argparse.Namespace) -> int:
+    spool = _queue_spool(args)
+    if args.all:
+        count = _queue_call(spool, "retry-all", offline=lambda: _offline_retry(spool, None))
+        print(f"{count} deferred message{'s' if count != 1 else ''} scheduled for immediate delivery")
+        return EXIT_OK
+    queue_id = _queue_id(args.id)
+    print(f"{queue_id}: " + _queue_call(spool, "retry", queue_id, offline=lambda: _offline_retry(spool, queue_id)))
+    return EXIT_OK
+
+
+def _cmd_queue_delete(args: argparse.Namespace) -> int:
+    spool = _queue_spool(args)
+    queue_id = _queue_id(args.id)
+    print(f"{queue_id}: " + _queue_call(spool, "delete", queue_id, offline=lambda: _offline_delete(spool, queue_id)))
+    return EXIT_OK
+
+
+def _cmd_queue_flush(args: argparse.Namespace) -> int:
+    spool = _queue_spool(args)
+
+    def offline() -> Any:
+        raise CommandError(
+            "mailgate is not running: nothing can deliver now "
+            "(when it starts, it delivers the queue; `mailgate queue retry --all` makes every message due)"
+        )
+
+    results = _queue_call(spool, "flush", offline=offline, timeout=args.timeout)
+    summary = ", ".join(f"{count} {result}" for result, count in sorted(results.items())) or "the queue was empty"
+    print(f"flushed: {summary}")
+    return EXIT_OK
+
+
+# -- queue helpers ---------------------------------------------------------------
+
+
+def _queue_spool(args: argparse.Namespace) -> Spool:
+    """The queue of the server configured by ``--config`` (its [server] state_dir,
+    relative to the file's directory, default "mailgate-state") or ``--state-dir``."""
+    if args.state_dir is not None:
+        return Spool(args.state_dir / "queue")
+    try:
+        with open(args.config, "rb") as f:
+            config = tomllib.load(f)
+    except OSError as e:
+        raise CommandError(f"cannot read {args.config}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise CommandError(f"{args.config}: not valid TOML: {e}") from None
+    server = config.get("server", {})
+    state_dir = server.get("state_dir", "mailgate-state") if isinstance(server, dict) else None
+    if not isinstance(state_dir, str):
+        raise CommandError(f"{args.config}: server.state_dir must be a string")
+    return Spool(args.config.parent / Path(state_dir).expanduser() / "queue")
+
+
+def _queue_id(text: str) -> str:
+    if not is_queue_id(text):
+        raise CommandError(f"{text!r} is not a queue id (22 characters A-Z, 2-7)")
+    return text
+
+
+def _queue_call(spool: Spool, command: str, queue_id: str | None = None, *, offline: Callable[[], Any], timeout: float = 30.0) -> Any:
+    """Ask the running server, or (none running) do it on the files under the queue lock."""
+    if spool.locked_by_other():
+        try:
+            return queuecontrol.request(spool.control_path, command, queue_id, timeout=timeout)
+        except queuecontrol.ControlError as e:
+            raise CommandError(str(e)) from None
+        except PermissionError:
+            raise CommandError(f"permission denied on {spool.control_path}: run as the server's user") from None
+        except OSError as e:
+            raise CommandError(
+                f"mailgate is running but its control socket {spool.control_path} does not answer ({e.strerror or e})"
+            ) from None
+    if not spool.directory.is_dir():
+        return offline() if command == "flush" else ([] if command == "list" else _missing(queue_id))
+    try:
+        spool.lock()
+    except SpoolLocked:
+        raise CommandError("mailgate is starting or stopping; try again in a moment") from None
+    except OSError as e:
+        raise CommandError(f"cannot open the queue {spool.directory}: {e.strerror or e}") from None
+    try:
+        return offline()
+    finally:
+        spool.unlock()
+
+
+def _missing(queue_id: str | None) -> Any:
+    if queue_id is None:
+        return 0
+    raise CommandError(f"no message {queue_id} in the queue")
+
+
+def _offline_entries(spool: Spool) -> list[dict[str, Any]]:
+    return [describe_entry(envelope, state) for envelope, state in spool.entries()]
+
+
+def _offline_entry(spool: Spool, queue_id: str) -> dict[str, Any]:
+    try:
+        envelope, _ = spool.load(queue_id)
+    except FileNotFoundError:
+        raise CommandError(f"no message {queue_id} in the queue") from None
+    except CorruptEntry as e:
+        raise CommandError(f"message {queue_id} is damaged: {e}") from None
+    return describe_entry(envelope, spool.read_state(queue_id))
+
+
+def _offline_retry(spool: Spool, queue_id: str | None) -> Any:
+    if queue_id is not None:
+        _offline_entry(spool, queue_id)
+    count = 0
+    for candidate in [queue_id] if queue_id else spool.ids():
+        state = spool.read_state(candidate)
+        if state.next_attempt is not None:
+            spool.write_state(candidate, EntryState(state.attempts, None, state.last_error, state.last_attempt))
+            count += 1
+    if queue_id is None:
+        return count
+    return "will be tried as soon as mailgate starts" if count else "already due (tried as soon as mailgate starts)"
+
+
+def _offline_delete(spool: Spool, queue_id: str) -> str:
+    if not spool.exists(queue_id):
+        raise CommandError(f"no message {queue_id} in the queue")
+    spool.remove(queue_id)
+    return "deleted"
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 # -- helpers -------------------------------------------------------------------

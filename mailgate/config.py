@@ -21,7 +21,7 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-from mailgate.configvalues import ConfigError, is_loopback_host, parse_size, resolve_secret
+from mailgate.configvalues import ConfigError, is_loopback_host, parse_duration, parse_size, resolve_secret
 from mailgate.providers.registry import TYPE_NAMES, TYPES
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "LimitsConfig",
     "ListenerConfig",
     "ProviderConfig",
+    "QueueConfig",
     "ServerConfig",
     "TLSConfig",
     "load_config",
@@ -41,7 +42,7 @@ __all__ = [
 ]
 
 ROLES = ("relay", "submission", "submissions")
-DELIVERY_MODES = ("sync",)
+DELIVERY_MODES = ("sync", "queue")
 LINE_ENDING_POLICIES = ("reject", "normalize")
 ACCOUNT_STORES = ("file", "passthrough", "http")
 # Keys of [accounts] that only the http store reads.
@@ -57,6 +58,9 @@ LOOPBACK_NETWORKS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("
 class ServerConfig:
     hostname: str
     state_dir: Path
+    # Seconds a stopping server (SIGTERM) waits for sessions in DATA and for
+    # deliveries in progress before it exits anyway.
+    shutdown_grace: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,16 @@ class DeliveryConfig:
     mode: str = "sync"
     route: tuple[str, ...] = ()
     api_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """Queue mode: retry timing (:class:`mailgate.retry.RetryPolicy`) and concurrency."""
+
+    first_retry: float = 60.0
+    max_retry_interval: float = 3600.0
+    lifetime: float = 5 * 86400.0
+    max_in_flight: int = 32
 
 
 @dataclass(frozen=True)
@@ -196,6 +210,7 @@ class Config:
     events: EventsConfig | None = None
     source: Path | None = None
     admin: AdminConfig = AdminConfig()
+    queue: QueueConfig = QueueConfig()
 
     @property
     def default_route(self) -> tuple[str, ...]:
@@ -296,6 +311,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
     server = ServerConfig(
         hostname=hostname,
         state_dir=server_t.path("state_dir", base_dir, base_dir / "mailgate-state"),  # type: ignore[arg-type]
+        shutdown_grace=parse_duration(server_t.take("shutdown_grace", (int, float, str), 30.0), "server.shutdown_grace"),
     )
     server_t.finish()
 
@@ -321,6 +337,22 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
         api_timeout=float(delivery_t.positive("api_timeout", 30.0)),
     )
     delivery_t.finish()
+
+    queue_t = top.table("queue")
+    queue_defaults = QueueConfig()
+
+    def duration(name: str, default: float) -> float:
+        return parse_duration(queue_t.take(name, (int, float, str), default), f"queue.{name}")
+
+    queue = QueueConfig(
+        first_retry=duration("first_retry", queue_defaults.first_retry),
+        max_retry_interval=duration("max_retry_interval", queue_defaults.max_retry_interval),
+        lifetime=duration("lifetime", queue_defaults.lifetime),
+        max_in_flight=queue_t.positive("max_in_flight", queue_defaults.max_in_flight, integer=True),
+    )
+    queue_t.finish()
+    if queue.max_retry_interval < queue.first_retry:
+        raise ConfigError("queue.max_retry_interval", "must not be shorter than queue.first_retry")
 
     limits_t = top.table("limits")
     size = limits_t.take("max_message_size", (int, str), 10 * 1024 * 1024)
@@ -397,6 +429,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
         events=events,
         source=source,
         admin=admin,
+        queue=queue,
     )
 
 

@@ -11,6 +11,7 @@ from either file format, so neither has to import the other.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from decimal import Decimal
@@ -78,6 +79,31 @@ def parse_size(value: object, key: str) -> int:
     if size <= 0:
         raise ConfigError(key, expected)
     return size
+
+
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
+
+
+def parse_duration(value: object, key: str) -> float:
+    """Return a positive number of seconds from a number or a string such as
+    ``"90s"``, ``"10m"``, ``"1h"`` or ``"5d"``; anything else raises
+    :class:`ConfigError` naming ``key``."""
+    expected = 'must be a positive number of seconds or a duration such as "90s", "10m", "1h", "5d"'
+    if isinstance(value, bool):
+        raise ConfigError(key, expected)
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION.fullmatch(value.strip())
+        if match is None:
+            raise ConfigError(key, expected)
+        seconds = float(Decimal(match.group(1)) * _DURATION_UNITS[match.group(2)])
+    else:
+        raise ConfigError(key, expected)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(key, expected)
+    return seconds
 
 
 def resolve_secret(value: object, key: str, *, base_dir: Path | None = None) -> str:

@@ -19,7 +19,8 @@ dot, so transient failures are ``451`` and the client keeps the message (RFC
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -34,7 +35,7 @@ from mailgate.interfaces import IDeliverer, IProvider, ITransport
 from mailgate.metrics import Metrics
 from mailgate.model import OutboundEmail
 from mailgate.outcome import Delivered, Failed, Outcome, Retry
-from mailgate.providers.base import HTTPResponse
+from mailgate.providers.base import HTTPRequest, HTTPResponse
 from mailgate.ratelimit import LimitWaitExceeded, RequestGate, RequestLimits
 from mailgate.replies import sanitise_text
 from mailgate.transports import APITimeout
@@ -105,7 +106,23 @@ class Dispatcher:
         return breaker is not None and breaker.retry_in() == 0
 
     @defer.inlineCallbacks
-    def deliver(self, email: OutboundEmail, account: Account, queue_id: str) -> Any:
+    def deliver(
+        self,
+        email: OutboundEmail,
+        account: Account,
+        queue_id: str,
+        *,
+        done: Mapping[str, str] | None = None,
+        on_delivered: Callable[[str, Delivered, int], Any] | None = None,
+    ) -> Any:
+        """Walk the route; see the module docstring.
+
+        The queue passes ``done`` (request key -> provider message id: requests an
+        API already accepted, from its journal) to skip, and ``on_delivered(key,
+        delivered, remaining)``, called (and waited for, if it returns a Deferred)
+        after each accepted request with the number of requests still to send, so
+        that a partial delivery can be recorded before the next request goes out.
+        """
         route = account.route or self.default_route
         refusal: Failed | None = None
         misconfigured: Retry | None = None
@@ -137,7 +154,7 @@ class Dispatcher:
                     outcome=_describe(last_retry),
                 )
             try:
-                outcome = yield self._attempt(name, provider, email, account, queue_id)
+                outcome = yield self._attempt(name, provider, email, account, queue_id, done or {}, on_delivered)
             finally:
                 if probe:
                     # A probe that sent nothing (local limit, adapter error) must not
@@ -170,13 +187,41 @@ class Dispatcher:
             after=after or None,
         )
 
+    def refusal(self, email: OutboundEmail, account: Account) -> Failed | None:
+        """The permanent refusal ``deliver`` would end with, known without any I/O:
+        no configured provider on the route can carry the message (``check``).
+        Queue mode answers the final dot with it instead of accepting a message
+        that can only bounce."""
+        refusal: Failed | None = None
+        for name in account.route or self.default_route:
+            provider = self.providers.get(name)
+            if provider is None:
+                return None
+            unsuitable = provider.adapter.check(email, account)
+            if unsuitable is None:
+                return None
+            refusal = refusal or unsuitable
+        return refusal
+
     @defer.inlineCallbacks
     def _attempt(
-        self, name: str, provider: Route, email: OutboundEmail, account: Account, queue_id: str
+        self,
+        name: str,
+        provider: Route,
+        email: OutboundEmail,
+        account: Account,
+        queue_id: str,
+        done: Mapping[str, str],
+        on_delivered: Callable[[str, Delivered, int], Any] | None,
     ) -> Any:
         requests = provider.adapter.build_requests(email, account, queue_id)
         delivered: list[Delivered] = []
-        for request in requests:
+        for index, request in enumerate(requests):
+            # Keys matter only for messages sent in several requests (journal).
+            key = request_key(request) if done or (on_delivered is not None and len(requests) > 1) else ""
+            if key in done:
+                delivered.append(Delivered(name, done[key]))
+                continue
             outcome = yield self._request(name, provider, request)
             if delivered and isinstance(outcome, Retry) and not outcome.ambiguous:
                 # Part of the message is with this provider: another one must not get it.
@@ -192,6 +237,8 @@ class Dispatcher:
                 # message; the idempotency key lets the API recognise the repeat.
                 return outcome
             delivered.append(outcome)
+            if on_delivered is not None:
+                yield defer.maybeDeferred(on_delivered, key, outcome, len(requests) - index - 1)
         if len(delivered) == 1:
             return delivered[0]
         ids = ",".join(d.message_id for d in delivered)
@@ -232,6 +279,18 @@ class Dispatcher:
             else:
                 breaker.record_success()
         return outcome
+
+
+def request_key(request: HTTPRequest) -> str:
+    """What identifies one request across attempts and restarts: provider, method,
+    URL and body (headers are left out: signatures carry a timestamp).  Adapters
+    build the same request from the same message, so a journaled request is
+    recognised when the message is tried again."""
+    digest = hashlib.sha256()
+    for part in (request.provider, request.method, request.url):
+        digest.update(part.encode("utf-8", "surrogatepass") + b"\0")
+    digest.update(request.body)
+    return digest.hexdigest()[:32]
 
 
 def _describe(outcome: Retry | Failed) -> str:

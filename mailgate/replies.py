@@ -84,6 +84,7 @@ CONNECTION_RATE_EXCEEDED = Reply(421, "4.7.0", "Connection rate limit exceeded f
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 SPOOL_WRITE_FAILED = Reply(452, "4.3.1", "Insufficient system storage")
+SPOOL_ERROR = Reply(451, "4.3.0", "Cannot queue the message now, try again later")
 AUTH_TEMPFAIL = Reply(454, "4.7.0", "Temporary authentication failure")
 MESSAGE_RATE_EXCEEDED = Reply(451, "4.7.1", "Message rate limit exceeded for this account, try again later")
 TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")

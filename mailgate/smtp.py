@@ -167,6 +167,7 @@ class SMTPSession(ESMTP):
         self._blocked = False
         self._reading_paused = False
         self._closing = False
+        self._shutting_down = False
         self._errors = 0
         self._auth_failures = 0
         self._auth: Any = None
@@ -207,6 +208,9 @@ class SMTPSession(ESMTP):
         if self.policy.implicit_tls:
             self._tls_active = True
             self._start_handshake_timer()
+        if getattr(self.factory, "shutting_down", False):
+            self._close_with(replies.SHUTTING_DOWN)
+            return
         self._send(Reply(220, "", f"{self.policy.hostname} ESMTP mailgate"))
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
@@ -222,6 +226,9 @@ class SMTPSession(ESMTP):
                 timer.cancel()
         self._discard_data()
         self._log_session_end(reason)
+        session_closed = getattr(self.factory, "session_closed", None)
+        if session_closed is not None:
+            session_closed(self)
 
     def _log_session_end(self, reason: Failure | None) -> None:
         """The one line per session: who, where, how it went and why it ended."""
@@ -243,6 +250,19 @@ class SMTPSession(ESMTP):
             duration=self.clock.seconds() - self._started,
             reason=self._end_reason,
         )
+
+    def shutdown(self) -> None:
+        """The server is stopping: close now with 421 4.3.2 unless a message is being
+        received or answered; that one is finished first (its verdict is sent), and
+        the next command is answered 421 4.3.2."""
+        self._shutting_down = True
+        self._close_if_shutting_down()
+
+    def _close_if_shutting_down(self) -> bool:
+        if self._shutting_down and not self._blocked and self._reader is None:
+            self._close_with(replies.SHUTTING_DOWN)
+            return True
+        return False
 
     def handshakeCompleted(self) -> None:
         """IHandshakeListener: the TLS handshake finished; stop its timer."""
@@ -457,7 +477,7 @@ class SMTPSession(ESMTP):
 
     def _unblock(self) -> None:
         self._blocked = False
-        if self._closing:
+        if self._closing or self._close_if_shutting_down():
             return
         if self._lifetime_expired:
             self._close_with(replies.SESSION_TOO_LONG)
@@ -902,7 +922,8 @@ class SMTPSession(ESMTP):
 
 
 class SMTPSessionFactory(SMTPFactory):
-    """Builds :class:`SMTPSession` objects for one listener."""
+    """Builds :class:`SMTPSession` objects for one listener and keeps track of
+    them, so that a stopping server can let each finish (:meth:`shutdown`)."""
 
     protocol = SMTPSession  # type: ignore[assignment]
     noisy = False  # The listener's own line says where it listens.
@@ -928,6 +949,9 @@ class SMTPSessionFactory(SMTPFactory):
         self.message_rate = message_rate
         self.metrics = metrics if metrics is not None else Metrics()
         self.admission = admission if admission is not None else Admission(policy.limits, clock)
+        self.sessions: set[SMTPSession] = set()
+        self.shutting_down = False
+        self._drained: list[defer.Deferred[None]] = []
 
     def buildProtocol(self, addr: Any) -> SMTPSession:
         session = SMTPSession(
@@ -942,4 +966,24 @@ class SMTPSessionFactory(SMTPFactory):
             admission=self.admission,
         )
         session.factory = self
+        self.sessions.add(session)
         return session
+
+    def session_closed(self, session: SMTPSession) -> None:
+        self.sessions.discard(session)
+        if not self.sessions and self._drained:
+            waiters, self._drained = self._drained, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def shutdown(self) -> defer.Deferred[None]:
+        """Answer new connections and idle sessions 421 4.3.2; let a session in DATA
+        or awaiting its verdict finish that message.  Fires when every session is gone."""
+        self.shutting_down = True
+        for session in list(self.sessions):
+            session.shutdown()
+        if not self.sessions:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._drained.append(waiter)
+        return waiter

@@ -104,6 +104,8 @@ def makeService(options: Options) -> IService:
         raise SystemExit(1) from None
     _ClosePool(pool).setServiceParent(service)
     ReloadOnSIGHUP(service.reloader, reactor).setServiceParent(service)  # type: ignore[attr-defined]
-    SystemdNotifier(Notifier.from_environment(), reactor).setServiceParent(service)
+    notifier = SystemdNotifier(Notifier.from_environment(), reactor)
+    notifier.setServiceParent(service)
+    service.stop_first.append(notifier)  # type: ignore[attr-defined]  # STOPPING=1 before draining
     _exit_when_a_port_cannot_be_bound(service)
     return service

@@ -79,3 +79,22 @@ def test_accounts_checked_against_providers(tmp_path: Path, account: Account, me
     with pytest.raises(ConfigError, match=message):
         check_accounts(file_config(tmp_path), Listing(account))
     check_accounts(file_config(tmp_path), Listing(Account(name="ok", route=("main",), provider_settings={"main": {"token": "t"}})))
+
+
+def test_second_server_on_one_state_dir_is_refused(tmp_path: Path) -> None:
+    """Two servers delivering one queue would send every message twice: the second
+    stops at start-up with one line naming the state directory."""
+    from twisted.internet.task import Clock
+
+    from mailgate.build import build_queue
+    from mailgate.dispatch import Dispatcher
+
+    config = file_config(tmp_path)
+    config.server.state_dir.mkdir()
+    dispatcher = Dispatcher({}, (), Clock())
+    spool, _, _ = build_queue(config, Clock(), dispatcher)
+    try:
+        with pytest.raises(ConfigError, match=r"server\.state_dir: .* in use by another mailgate process"):
+            build_queue(config, Clock(), dispatcher)
+    finally:
+        spool.unlock()

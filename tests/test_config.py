@@ -25,6 +25,15 @@ def with_(**changes: object) -> dict[str, object]:
     return data
 
 
+def test_queue_settings_take_durations() -> None:
+    """[queue] durations accept seconds or 90s/10m/1h/5d; defaults are 1 min, 1 h, 5 days."""
+    config = parse_config(with_(queue={"first_retry": "90s", "max_retry_interval": "2h", "lifetime": "4.5d"}), Path("/"))
+    assert (config.queue.first_retry, config.queue.max_retry_interval, config.queue.lifetime) == (90, 7200, 388800)
+    default = parse_config(MINIMAL, Path("/"))
+    assert (default.queue.first_retry, default.queue.max_retry_interval, default.queue.lifetime) == (60, 3600, 432000)
+    assert default.server.shutdown_grace == 30
+
+
 def test_example_configuration_is_valid(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """etc/mailgate.toml.example parses (with its env/file secrets provided), so it documents real keys."""
     monkeypatch.setenv("MAILGATE_API_TOKEN", "token-from-env")
@@ -137,7 +146,7 @@ def test_events_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         (with_(limits={"max_recipients": True}), "limits.max_recipients: must be a number"),
         (with_(limits={"max_message_size": "ten"}), "limits.max_message_size"),
         (with_(limits={"line_endings": "fix"}), "limits.line_endings: must be one of reject, normalize"),
-        (with_(delivery={"mode": "queue"}), "delivery.mode: must be one of sync"),
+        (with_(delivery={"mode": "later"}), "delivery.mode: must be one of sync, queue"),
         (with_(delivery={"route": ["nope"]}), "delivery.route[0]: no provider named 'nope'"),
         (with_(providers={}), "providers: at least one"),
         (with_(providers={"x": {"url": "https://a"}}), "providers.x.type: required"),
@@ -173,6 +182,13 @@ def test_events_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         (with_(events={"url": "https://e.example", "max_attempts": 0}), "events.max_attempts: must be"),
         (with_(events={"url": "https://e.example", "token": "a b"}), "events.token: must be printable ASCII"),
         (with_(events={"url": "https://e.example", "retries": 3}), "events.retries: unknown key"),
+        (with_(queue={"lifetime": "5 weeks"}), "queue.lifetime: must be a positive number of seconds or a duration"),
+        (with_(queue={"first_retry": 0}), "queue.first_retry: must be a positive number"),
+        (with_(queue={"first_retry": "2h", "max_retry_interval": "1h"}), "queue.max_retry_interval: must not be shorter"),
+        (with_(queue={"max_in_flight": 0}), "queue.max_in_flight: must be a finite number greater than zero"),
+        (with_(queue={"retries": 3}), "queue.retries: unknown key"),
+        (with_(server={"shutdown_grace": True}), "server.shutdown_grace: must be a positive number of seconds"),
+        (with_(listeners=[{"endpoint": "tcp:587", "role": "submission", "mode": "later"}]), "listeners[0].mode: must be one of sync, queue"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, data: dict[str, object], message: str) -> None:

@@ -17,7 +17,7 @@ from zope.interface.verify import verifyObject
 
 from mailgate.accounts.account import Account
 from mailgate.circuit import CircuitPolicy, CircuitState
-from mailgate.dispatch import Dispatcher, Route
+from mailgate.dispatch import Dispatcher, Route, request_key
 from mailgate.interfaces import IDeliverer, ITransport
 from mailgate.message import parse_message
 from mailgate.outcome import Delivered, Failed, Retry
@@ -530,3 +530,66 @@ def test_reply_with_many_provider_ids_fits_one_reply_line() -> None:
     assert listed.split(",") == ids[: len(listed.split(","))]
     assert more == f"{50 - len(listed.split(','))} more)"
     assert Delivered("p1", "a,b").reply().lines() == [b"250 2.0.0 Ok: a,b"]
+# -- the queue's journal hook ------------------------------------------------------
+
+
+class PerRecipient(WebhookProvider):
+    """An adapter that needs one request per recipient."""
+
+    def build_requests(self, email: Any, account: Account, message_id: str) -> list[Any]:
+        requests = []
+        for recipient in email.envelope_recipients:
+            single = parse_message(email.raw, email.envelope_sender, (recipient,))
+            requests.extend(super().build_requests(single, account, message_id))
+        return requests
+
+
+TWO = parse_message(RAW, "a@example.com", ("b@example.org", "c@example.org"))
+
+
+def test_accepted_requests_are_reported_and_skipped_later() -> None:
+    """on_delivered hears each accepted request with how many remain; requests in
+    ``done`` are not sent again and keep their recorded ids; a failure after an
+    accepted request does not fail over (part already went through this provider)."""
+    first = ScriptedTransport(ok("r1"), HTTPResponse(503, (), b""))
+    second = ScriptedTransport(ok("x"))
+    dispatcher = Dispatcher(
+        {"p1": Route(PerRecipient("p1", {"url": "https://p1.example/v1"}), first), "p2": route("p2", second)},
+        ("p1", "p2"),
+        Clock(),
+    )
+    heard: list[tuple[str, Delivered, int]] = []
+    outcome = dispatcher.deliver(TWO, Account(name="a"), "QID", on_delivered=lambda *a: heard.append(a)).result
+    assert isinstance(outcome, Retry) and outcome.ambiguous and second.sent == []
+    [(key, delivered, remaining)] = heard
+    assert (delivered, remaining) == (Delivered("p1", "r1"), 1)
+    assert key == request_key(first.sent[0])
+    again = ScriptedTransport(ok("r2"))
+    dispatcher.providers["p1"] = Route(PerRecipient("p1", {"url": "https://p1.example/v1"}), again)
+    outcome = dispatcher.deliver(TWO, Account(name="a"), "QID", done={key: "r1"}).result
+    assert outcome == Delivered("p1", "r1,r2")
+    assert [json.loads(r.body)["envelope"]["rcpt_to"] for r in again.sent] == [["c@example.org"]]
+
+
+def test_request_key_ignores_headers_but_not_the_body() -> None:
+    """A signature's timestamp does not change the key; another recipient does."""
+    provider = WebhookProvider("p", {"url": "https://p.example/v1", "signing_secret": "s"})
+    [one] = provider.build_requests(EMAIL, Account(name="a"), "Q")
+    provider.clock = lambda: 12345.0
+    [two] = provider.build_requests(EMAIL, Account(name="a"), "Q")
+    assert one.headers != two.headers and request_key(one) == request_key(two)
+    [other] = provider.build_requests(TWO, Account(name="a"), "Q")
+    assert request_key(other) != request_key(one)
+
+
+def test_refusal_only_when_no_provider_can_carry_it() -> None:
+    """Queue mode refuses at DATA only if every provider on the route refuses the message."""
+
+    class NoAttachments(WebhookProvider):
+        def check(self, email: Any, account: Account) -> Failed:
+            return Failed(self.name, "cannot carry it", 554, "5.6.0")
+
+    refusing = Route(NoAttachments("r", {"url": "https://r.example"}), ScriptedTransport())
+    accepting = route("a", ScriptedTransport())
+    assert Dispatcher({"r": refusing}, ("r",), Clock()).refusal(EMAIL, Account(name="x")) == Failed("r", "cannot carry it", 554, "5.6.0")
+    assert Dispatcher({"r": refusing, "a": accepting}, ("r", "a"), Clock()).refusal(EMAIL, Account(name="x")) is None

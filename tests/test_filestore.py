@@ -326,7 +326,7 @@ PW = passwords.hash_api_key("k")
         (f'[accounts.a]\npassword = "{PW}"\nmax_messages_per_minute = 1.5\n', "accounts.a.max_messages_per_minute: must be an integer, 0 or more"),
         (f'[accounts.a]\npassword = "{PW}"\nmessage_burst = 0\n', "accounts.a.message_burst: must be a positive integer"),
         (f'[accounts.a]\npassword = "{PW}"\nmax_message_size = "10 parsecs"\n', "accounts.a.max_message_size: must be a positive number"),
-        (f'[accounts.a]\npassword = "{PW}"\ndelivery_mode = "later"\n', 'accounts.a.delivery_mode: must be "sync" (the only mode available so far)'),
+        (f'[accounts.a]\npassword = "{PW}"\ndelivery_mode = "later"\n', 'accounts.a.delivery_mode: must be "sync" or "queue"'),
         (f'[accounts.a]\npassword = "{PW}"\n[accounts.a.defaults]\n"X-Mailgate-Track-Open" = "true"\n', 'accounts.a.defaults."X-Mailgate-Track-Open": not a control header'),
         (f'[accounts.a]\npassword = "{PW}"\n[accounts.a.defaults]\n"X-Mailgate-Tag" = 3\n', 'accounts.a.defaults."X-Mailgate-Tag": must be a string'),
         (f'[accounts.a]\npassword = "{PW}"\ndefaults = "x"\n', "accounts.a.defaults: must be a table"),

@@ -87,7 +87,9 @@ def test_admin_listener_is_wired_when_configured(tmp_path: Path) -> None:
     assert [(port, interface) for port, _, _, interface in reactor.tcpServers][-1] == (9025, "127.0.0.1")
     assert len(reactor.tcpServers) == 4
     plain = MemoryReactorClock()
-    build_service(config(tmp_path), plain, None, store=MemoryAccountStore({})).startService()
+    # Its own state directory: the first server, still running, holds the queue lock of its own.
+    other_state = {"hostname": "mx.test", "state_dir": str(tmp_path / "state2")}
+    build_service(config(tmp_path, server=other_state), plain, None, store=MemoryAccountStore({})).startService()
     assert len(plain.tcpServers) == 3
 
 

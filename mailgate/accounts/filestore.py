@@ -36,7 +36,7 @@ from mailgate.interfaces import IAccountStore
 
 __all__ = ["AccountEntry", "FileAccountStore", "account_from_table", "load_accounts", "parse_account"]
 
-DELIVERY_MODES = ("sync",)  # "queue" arrives with the durable spool.
+DELIVERY_MODES = ("sync", "queue")
 
 # Control headers an account may give defaults for (ARCHITECTURE.md, "Semantics
 # that are decided", 6), plus the X-Mailgate-Metadata-<key> family.  Names are
@@ -212,7 +212,7 @@ def account_from_table(
             raise error(e.key, e.message) from None
     delivery_mode = table.get("delivery_mode")
     if delivery_mode is not None and delivery_mode not in DELIVERY_MODES:
-        raise error("delivery_mode", 'must be "sync" (the only mode available so far)')
+        raise error("delivery_mode", 'must be "sync" or "queue"')
 
     defaults = _control_defaults(table.get("defaults", {}), error)
     providers = _provider_settings(table.get("providers", {}), error, base_dir, remote)

@@ -1,0 +1,509 @@
+"""Queue mode on a Clock: acceptance into the spool, delivery, retries, Retry-After,
+give-up with event and DSN, the lifetime, recovery after a restart, the per-request
+journal, operator actions and shutdown."""
+
+from __future__ import annotations
+
+import base64
+import errno
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from mailgate.accounts.account import Account
+from mailgate.dispatch import Dispatcher, Route
+from mailgate.interfaces import IDeliverer, ITransport
+from mailgate.message import parse_message
+from mailgate.outcome import Failed
+from mailgate.providers.base import HTTPRequest, HTTPResponse
+from mailgate.providers.webhook import WebhookProvider
+from mailgate.queue import GroupCommit, Queued, QueueDeliverer, QueueRunner
+from mailgate.retry import RetryPolicy
+from mailgate.spool import EntryState, Envelope, Spool
+
+RAW = (
+    b"Received: from client.example\r\nFrom: App <app@example.com>\r\nTo: b@example.org\r\n"
+    b"Subject: hello\r\nMessage-ID: <m1@example.com>\r\nX-Mailgate-Tag: welcome\r\n\r\nbody\r\n"
+)
+ACCOUNT = Account(name="alice", route=("p1",))
+PENDING = object()
+
+
+def ok(identifier: str = "api-1") -> HTTPResponse:
+    return HTTPResponse(200, (), json.dumps({"id": identifier}).encode())
+
+
+def status(code: int, *headers: tuple[str, str]) -> HTTPResponse:
+    return HTTPResponse(code, headers, b'{"message": "scripted"}')
+
+
+@implementer(ITransport)
+class ScriptedTransport:
+    """Answers from a script (a response, an exception, or PENDING: a Deferred the
+    test fires); once the script is used up, 200 with a fresh id."""
+
+    def __init__(self, *answers: Any):
+        self.answers = list(answers)
+        self.sent: list[HTTPRequest] = []
+        self.pending: list[defer.Deferred[HTTPResponse]] = []
+
+    def send(self, request: HTTPRequest) -> defer.Deferred[HTTPResponse]:
+        self.sent.append(request)
+        answer = self.answers.pop(0) if self.answers else ok(f"api-{len(self.sent)}")
+        if answer is PENDING:
+            d: defer.Deferred[HTTPResponse] = defer.Deferred()
+            self.pending.append(d)
+            return d
+        if isinstance(answer, Exception):
+            return defer.fail(answer)
+        return defer.succeed(answer)
+
+    def payloads(self) -> list[dict[str, Any]]:
+        return [json.loads(request.body) for request in self.sent]
+
+
+class PerRecipientProvider(WebhookProvider):
+    """An adapter that sends one request per envelope recipient (as some APIs need)."""
+
+    def build_requests(self, email: Any, account: Account, message_id: str) -> list[HTTPRequest]:
+        requests = []
+        for recipient in email.envelope_recipients:
+            single = parse_message(email.raw, email.envelope_sender, (recipient,))
+            requests.extend(super().build_requests(single, account, message_id))
+        return requests
+
+
+def delivery_status(payload: dict[str, Any]) -> str:
+    """The message/delivery-status part of a DSN as the webhook carried it."""
+    [report] = [a for a in payload["attachments"] if a["content_type"] == "message/delivery-status"]
+    return base64.b64decode(report["content_base64"]).decode()
+
+
+class Events:
+    def __init__(self) -> None:
+        self.emitted: list[tuple[str, dict[str, Any]]] = []
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        self.emitted.append((kind, fields))
+
+    def kinds(self) -> list[str]:
+        return [kind for kind, _ in self.emitted]
+
+
+class Harness:
+    """A spool, a runner and a queue deliverer on one Clock, delivering through scripted transports."""
+
+    def __init__(self, directory: Path, transports: dict[str, ScriptedTransport], provider: type = WebhookProvider):
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.transports = transports
+        routes = {
+            name: Route(provider(name, {"url": f"https://{name}.example/v1"}), transport)
+            for name, transport in transports.items()
+        }
+        self.dispatcher = Dispatcher(routes, tuple(transports), self.clock)
+        self.events = Events()
+        self.spool = Spool(directory)
+        self.spool.lock()
+        self.runner = QueueRunner(
+            self.spool,
+            self.dispatcher,
+            self.clock,
+            RetryPolicy(),
+            hostname="mx.example.net",
+            events=self.events,  # type: ignore[arg-type]
+            random=lambda: 0.5,  # no jitter: exact times
+        )
+        self.deliverer = QueueDeliverer(self.spool, self.runner, self.clock, refusal=self.dispatcher.refusal)
+        self.runner.startService()
+
+    def accept(self, sender: str = "app@example.com", recipients: tuple[str, ...] = ("b@example.org",),
+               account: Account = ACCOUNT, queue_id: str = "AAAAAAAAAAAAAAAAAAAAAA") -> Any:
+        email = parse_message(RAW, sender, recipients, account.defaults)
+        return self.deliverer.deliver(email, account, queue_id).result
+
+    def restart(self) -> Harness:
+        """Stop this runner (as at shutdown) and start a new one on the same spool."""
+        self.runner.stopService()
+        again = Harness.__new__(Harness)
+        again.__dict__.update(self.__dict__)
+        again.events = Events()
+        again.spool = Spool(self.spool.directory)
+        again.spool.lock()
+        again.runner = QueueRunner(
+            again.spool, self.dispatcher, self.clock, RetryPolicy(), hostname="mx.example.net",
+            events=again.events, random=lambda: 0.5,  # type: ignore[arg-type]
+        )
+        again.deliverer = QueueDeliverer(again.spool, again.runner, self.clock, refusal=self.dispatcher.refusal)
+        again.runner.startService()
+        return again
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Any:
+    made: list[Harness] = []
+
+    def make(provider: type = WebhookProvider, **transports: ScriptedTransport) -> Harness:
+        h = Harness(tmp_path / "queue", transports, provider)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.runner.stopService()
+
+
+def test_deliverer_provides_interface(harness: Any) -> None:
+    """The queue-mode deliverer is an IDeliverer, like the dispatcher."""
+    h = harness(p1=ScriptedTransport())
+    assert verifyObject(IDeliverer, h.deliverer)
+
+
+def test_accepted_message_is_spooled_then_delivered(harness: Any) -> None:
+    """The reply is 250 queued as <id>; the API gets the message with the id as
+    idempotency key and the control headers' values; the entry is then removed."""
+    transport = ScriptedTransport(PENDING)
+    h = harness(p1=transport)
+    outcome = h.accept()
+    assert outcome == Queued("AAAAAAAAAAAAAAAAAAAAAA")
+    assert str(outcome.reply()) == "250 2.0.0 Ok: queued as AAAAAAAAAAAAAAAAAAAAAA"
+    assert h.spool.ids() == ["AAAAAAAAAAAAAAAAAAAAAA"]  # on disk before the API answered
+    assert h.runner.snapshot()["depth_by_state"] == {"queued": 0, "deferred": 0, "sending": 1}
+    transport.pending[0].callback(ok("api-77"))
+    [payload] = transport.payloads()
+    assert payload["idempotency_key"] == "AAAAAAAAAAAAAAAAAAAAAA"
+    assert payload["controls"]["tags"] == ["welcome"]
+    assert h.spool.ids() == []
+    assert h.events.emitted == [
+        (
+            "delivered",
+            {
+                "queue_id": "AAAAAAAAAAAAAAAAAAAAAA",
+                "account": "alice",
+                "sender": "app@example.com",
+                "recipients": ("b@example.org",),
+                "provider": "p1",
+                "provider_message_id": "api-77",
+                "attempts": 1,
+            },
+        )
+    ]
+    assert h.runner.snapshot() == {"depth_by_state": {"queued": 0, "deferred": 0, "sending": 0}, "oldest_age": None}
+
+
+@pytest.mark.parametrize(("error", "reply"), [(errno.ENOSPC, "452 4.3.1"), (errno.EDQUOT, "452 4.3.1"), (errno.EIO, "451 4.3.0")])
+def test_spool_write_failure_is_never_250(harness: Any, monkeypatch: pytest.MonkeyPatch, logged_errors: Any, error: int, reply: str) -> None:
+    """Disk full answers 452 4.3.1, any other write error 451 4.3.0; nothing is queued or sent."""
+    transport = ScriptedTransport()
+    h = harness(p1=transport)
+
+    def fail(*args: Any) -> None:
+        raise OSError(error, "injected")
+
+    monkeypatch.setattr(h.spool, "write_file", fail)
+    outcome = h.accept()
+    assert str(outcome.reply()).startswith(reply)
+    assert transport.sent == [] and h.runner.snapshot()["depth_by_state"]["queued"] == 0
+    assert len(logged_errors.take()) == 1
+
+
+def test_concurrent_messages_share_spool_commits(tmp_path: Path) -> None:
+    """Up to ``parallel`` batches are written at once; messages arriving meanwhile
+    wait and go together in the next batch (one thread hand-off and one directory
+    fsync for all), each answered on its own, a failure only for its own message."""
+    spool = Spool(tmp_path / "queue")
+    spool.create()
+    calls: list[tuple[Any, tuple[Any, ...], defer.Deferred[Any]]] = []
+
+    def in_thread(f: Any, *args: Any) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        calls.append((f, args, d))
+        return d
+
+    commit = GroupCommit(spool, in_thread, parallel=2)
+    envelopes = [Envelope(letter * 22, 0.0, "a@example.com", ("b@example.org",), ACCOUNT) for letter in "ABCDE"]
+    results = [commit.write(envelope, RAW) for envelope in envelopes]
+    assert [len(args[0]) for _, args, _ in calls] == [1, 1]  # A and B at once; C, D, E wait
+    f, args, d = calls[0]
+    d.callback(f(*args))
+    assert results[0].called and not results[2].called
+    assert [len(args[0]) for _, args, _ in calls] == [1, 1, 3]  # C, D, E together
+    calls[2][2].callback([None, OSError(errno.ENOSPC, "full"), None])
+    assert results[2].called and results[4].called
+    failure = results[3].result
+    results[3].addErrback(lambda _: None)
+    assert failure.value.errno == errno.ENOSPC
+    assert not results[1].called
+
+
+def test_message_no_provider_can_carry_is_refused_at_data(harness: Any) -> None:
+    """If every provider on the route refuses the message as such, the final dot gets
+    the permanent reply at once instead of a 250 followed by a bounce."""
+    h = harness(p1=ScriptedTransport())
+    refusal = Failed("p1", "attachments are not supported", 554, "5.6.0")
+    h.deliverer.refusal = lambda email, account: refusal
+    assert h.accept() == refusal
+    assert h.spool.ids() == []
+
+
+def test_transient_failure_is_retried_after_backoff(harness: Any) -> None:
+    """A 503 defers the message (state saved, event deferred) and retries it 60 s later, then 120 s."""
+    transport = ScriptedTransport(status(503), status(503))
+    h = harness(p1=transport)
+    h.accept()
+    assert len(transport.sent) == 1
+    state = h.spool.read_state("AAAAAAAAAAAAAAAAAAAAAA")
+    assert (state.attempts, state.next_attempt) == (1, h.clock.seconds() + 60)
+    assert state.last_error == "451 4.3.0 Temporary failure at p1: API unavailable (HTTP 503)"
+    h.clock.advance(59)
+    assert len(transport.sent) == 1
+    h.clock.advance(1)
+    assert len(transport.sent) == 2
+    h.clock.advance(119)
+    assert len(transport.sent) == 2
+    h.clock.advance(1)
+    assert len(transport.sent) == 3
+    assert h.spool.ids() == []
+    assert h.events.kinds() == ["deferred", "deferred", "delivered"]
+    assert {json.loads(r.body)["idempotency_key"] for r in transport.sent} == {"AAAAAAAAAAAAAAAAAAAAAA"}
+
+
+def test_retry_after_is_honoured(harness: Any) -> None:
+    """429 with Retry-After: 600 is not retried before 600 s, though backoff says 60."""
+    transport = ScriptedTransport(status(429, ("Retry-After", "600")))
+    h = harness(p1=transport)
+    h.accept()
+    h.clock.advance(599)
+    assert len(transport.sent) == 1
+    h.clock.advance(1)
+    assert len(transport.sent) == 2 and h.spool.ids() == []
+
+
+def test_ambiguous_timeout_retries_the_same_provider_later(harness: Any) -> None:
+    """A timeout may mean the API took it: no failover, a later retry with the same key."""
+    from mailgate.transports import APITimeout
+
+    first, second = ScriptedTransport(APITimeout("no answer within 30 s")), ScriptedTransport()
+    h = harness(p1=first, p2=second)
+    h.accept(account=Account(name="alice", route=("p1", "p2")))
+    assert second.sent == [] and len(first.sent) == 1
+    h.clock.advance(60)
+    assert len(first.sent) == 2 and second.sent == []
+    assert h.spool.ids() == []
+
+
+def test_permanent_failure_sends_a_dsn_through_the_route(harness: Any) -> None:
+    """A 400 gives up at once: event failed, and a DSN from <> to the envelope sender,
+    carrying the status, the API's reason and the original headers, goes out through
+    the account's route."""
+    transport = ScriptedTransport(status(400))
+    h = harness(p1=transport)
+    h.accept(sender="app@example.com")
+    assert len(transport.sent) == 2
+    bounce = transport.payloads()[1]
+    assert bounce["envelope"] == {"mail_from": "", "rcpt_to": ["app@example.com"]}
+    assert bounce["subject"] == "Undelivered Mail Returned to Sender"
+    assert "HTTP 400: scripted" in bounce["text"]
+    status_text = delivery_status(bounce)
+    assert "Final-Recipient: rfc822; b@example.org" in status_text and "Status: 5.6.0" in status_text
+    assert h.spool.ids() == []
+    kinds = h.events.kinds()
+    assert kinds == ["failed", "delivered"]  # the message failed; its DSN was delivered
+    failed = h.events.emitted[0][1]
+    assert failed["reason"] == "554 5.6.0 Rejected by p1: HTTP 400: scripted"
+    assert failed["provider"] == "p1" and failed["attempts"] == 1
+
+
+def test_no_dsn_for_the_null_sender(harness: Any) -> None:
+    """A message from <> (itself a bounce) that fails is dropped with an event, never bounced."""
+    transport = ScriptedTransport(status(400))
+    h = harness(p1=transport)
+    h.accept(sender="")
+    assert len(transport.sent) == 1
+    assert h.events.kinds() == ["failed"] and h.spool.ids() == []
+
+
+def test_outage_longer_than_the_lifetime_gives_up_with_a_dsn(harness: Any) -> None:
+    """An API down for six days: retries back off to hourly, the last one at exactly
+    five days, then the sender gets a 4.4.7 DSN (sent once the API is back)."""
+    transport = ScriptedTransport(*([status(503)] * 1000))
+    h = harness(p1=transport)
+    h.accept()
+    for _ in range(6 * 24):
+        h.clock.advance(3600)
+    attempts = len([r for r in transport.sent if json.loads(r.body)["envelope"]["mail_from"]])
+    # 1 + 60 s, 2, 4 ... 32 min (6 retries), then hourly until 5 days, the last at the deadline.
+    assert 100 < attempts < 130
+    failed = [fields for kind, fields in h.events.emitted if kind == "failed"]
+    assert len(failed) == 1 and failed[0]["reason"].startswith(f"gave up after {failed[0]['attempts']} attempts in 5d0h")
+    transport.answers = []  # the API is back: the DSN (itself deferred until now) goes out
+    h.clock.advance(3600)
+    bounces = [p for p in transport.payloads() if p["envelope"]["mail_from"] == ""]
+    # One DSN, itself retried through the outage (same idempotency key), finally delivered.
+    assert len({b["idempotency_key"] for b in bounces}) == 1
+    assert "Status: 4.4.7" in delivery_status(bounces[-1])
+    assert h.spool.ids() == []
+
+
+def test_recovery_after_restart_delivers_and_honours_the_saved_schedule(harness: Any) -> None:
+    """A deferred message survives a restart and is retried at its saved time."""
+    transport = ScriptedTransport(status(503))
+    h = harness(p1=transport)
+    h.accept()
+    h = h.restart()
+    assert h.runner.snapshot()["depth_by_state"]["deferred"] == 1
+    h.clock.advance(59)
+    assert len(transport.sent) == 1
+    h.clock.advance(1)
+    assert len(transport.sent) == 2 and h.spool.ids() == []
+    assert h.events.kinds() == ["delivered"]
+    assert transport.payloads()[1]["controls"]["tags"] == ["welcome"]  # controls come back from the envelope
+
+
+def test_journal_keeps_delivered_recipients_from_being_sent_again(harness: Any) -> None:
+    """A per-recipient adapter: the first recipient's request is accepted, the second
+    fails; after a restart only the second is sent again, to the same provider."""
+    p1 = ScriptedTransport(ok("r1"), status(503))
+    p2 = ScriptedTransport()
+    h = harness(PerRecipientProvider, p1=p1, p2=p2)
+    h.accept(recipients=("b@example.org", "c@example.org"), account=Account(name="alice", route=("p1", "p2")))
+    assert [p["envelope"]["rcpt_to"] for p in p1.payloads()] == [["b@example.org"], ["c@example.org"]]
+    h = h.restart()
+    h.clock.advance(60)
+    assert [p["envelope"]["rcpt_to"] for p in p1.payloads()] == [["b@example.org"], ["c@example.org"], ["c@example.org"]]
+    assert p2.sent == []
+    assert h.spool.ids() == []
+    assert h.events.emitted[0][1]["provider_message_id"] == "r1,api-3"
+
+
+def test_operator_retry_delete_and_flush(harness: Any) -> None:
+    """retry makes a deferred entry due now; delete removes one without a DSN; flush
+    attempts everything and reports how it went."""
+    transport = ScriptedTransport(status(503), status(503), status(503))
+    h = harness(p1=transport)
+    h.accept(queue_id="AAAAAAAAAAAAAAAAAAAAAA")
+    h.accept(queue_id="BBBBBBBBBBBBBBBBBBBBBB")
+    h.accept(queue_id="CCCCCCCCCCCCCCCCCCCCCC")
+    [listed] = h.runner.describe("AAAAAAAAAAAAAAAAAAAAAA")
+    assert (listed["state"], listed["attempts"], listed["sender"]) == ("deferred", 1, "app@example.com")
+    assert "provider_settings" not in json.dumps(listed)
+    assert h.runner.retry_now("AAAAAAAAAAAAAAAAAAAAAA") == "scheduled for immediate delivery"
+    assert h.spool.ids() == ["BBBBBBBBBBBBBBBBBBBBBB", "CCCCCCCCCCCCCCCCCCCCCC"]
+    assert h.runner.delete("BBBBBBBBBBBBBBBBBBBBBB") == "deleted"
+    assert h.spool.ids() == ["CCCCCCCCCCCCCCCCCCCCCC"]
+    flushed = h.runner.flush()
+    assert flushed.result == {"delivered": 1}
+    assert h.spool.ids() == [] and len(transport.sent) == 5
+    assert [k for k, f in h.events.emitted if f["queue_id"] == "BBBBBBBBBBBBBBBBBBBBBB"] == ["deferred", "failed"]
+
+
+def test_delete_during_an_attempt_takes_effect_when_it_ends(harness: Any) -> None:
+    """An entry being sent is removed after its attempt, even if that attempt failed."""
+    transport = ScriptedTransport(PENDING)
+    h = harness(p1=transport)
+    h.accept()
+    assert h.runner.delete("AAAAAAAAAAAAAAAAAAAAAA") == "deleted after the delivery attempt in progress ends"
+    assert h.spool.ids() == ["AAAAAAAAAAAAAAAAAAAAAA"]
+    transport.pending[0].callback(status(503))
+    assert h.spool.ids() == [] and h.events.kinds() == ["failed"]
+    h.clock.advance(3600)
+    assert len(transport.sent) == 1
+
+
+def test_concurrency_is_bounded(harness: Any) -> None:
+    """No more than max_in_flight messages are being sent at once; the rest wait their turn."""
+    transport = ScriptedTransport(*([PENDING] * 5))
+    h = harness(p1=transport)
+    h.runner.max_in_flight = 2
+    for letter in "ABCDE":
+        h.accept(queue_id=letter * 22)
+    assert len(transport.sent) == 2
+    assert h.runner.snapshot()["depth_by_state"] == {"queued": 3, "deferred": 0, "sending": 2}
+    transport.pending[0].callback(ok())
+    assert len(transport.sent) == 3
+
+
+def test_snapshot_reports_the_oldest_age(harness: Any) -> None:
+    """/metrics gets the age of the oldest entry."""
+    h = harness(p1=ScriptedTransport(status(503)))
+    h.accept()
+    h.clock.advance(42)
+    assert h.runner.snapshot() == {"depth_by_state": {"queued": 0, "deferred": 1, "sending": 0}, "oldest_age": 42}
+
+
+def test_shutdown_waits_for_attempts_in_progress(harness: Any) -> None:
+    """Stopping starts no new attempt and waits for the running one; a message that
+    arrives after the queue stopped is refused with 451 4.3.0 (the client keeps it)."""
+    transport = ScriptedTransport(PENDING)
+    h = harness(p1=transport)
+    h.accept(queue_id="AAAAAAAAAAAAAAAAAAAAAA")
+    stopped = h.runner.stopService()
+    assert not stopped.called
+    assert str(h.accept(queue_id="BBBBBBBBBBBBBBBBBBBBBB").reply()).startswith("451 4.3.0")
+    assert len(transport.sent) == 1
+    transport.pending[0].callback(ok())
+    assert stopped.called
+    assert h.spool.ids() == []
+
+
+def test_shutdown_grace_leaves_a_stuck_attempt_in_the_spool(harness: Any) -> None:
+    """An API that does not answer within the grace does not hold up the shutdown;
+    the message stays queued and is tried again at the next start."""
+    transport = ScriptedTransport(PENDING)
+    h = harness(p1=transport)
+    h.accept()
+    stopped = h.runner.stopService()
+    h.clock.advance(30)
+    assert stopped.called
+    assert h.spool.ids() == ["AAAAAAAAAAAAAAAAAAAAAA"]
+    assert h.spool.read_state("AAAAAAAAAAAAAAAAAAAAAA") == EntryState()
+
+
+def test_mode_is_the_listeners_unless_the_account_overrides_it() -> None:
+    """A queue listener queues, except for an account set to sync (and vice versa)."""
+    from mailgate.modes import ModeDeliverer
+
+    sync, queue = FakeDeliverer("sync"), FakeDeliverer("queue")
+    email = parse_message(RAW, "a@example.com", ("b@example.org",))
+    listener = ModeDeliverer("queue", {"sync": sync, "queue": queue})
+    assert verifyObject(IDeliverer, listener)
+    assert listener.deliver(email, Account(name="a"), "Q") == "queue"
+    assert listener.deliver(email, Account(name="a", delivery_mode="sync"), "Q") == "sync"
+    assert ModeDeliverer("sync", {"sync": sync, "queue": queue}).deliver(email, Account(name="b", delivery_mode="queue"), "Q") == "queue"
+
+
+class FakeDeliverer:
+    def __init__(self, answer: str):
+        self.answer = answer
+
+    def deliver(self, email: Any, account: Account, queue_id: str) -> str:
+        return self.answer
+
+
+def test_queue_opens_when_the_state_directory_appears(tmp_path: Path) -> None:
+    """mailgate never creates its state directory: until it exists queue mode answers
+    451 4.3.0 (the client keeps the message); once it does, the queue opens (at the
+    next check, or at once when asked) and accepts."""
+    clock = Clock()
+    state = tmp_path / "state"
+    spool = Spool(state / "queue")
+    transport = ScriptedTransport()
+    dispatcher = Dispatcher({"p1": Route(WebhookProvider("p1", {"url": "https://p1.example/v1"}), transport)}, ("p1",), clock)
+    runner = QueueRunner(spool, dispatcher, clock, RetryPolicy(), hostname="mx.example.net")
+    deliverer = QueueDeliverer(spool, runner, clock)
+    runner.startService()
+    email = parse_message(RAW, "app@example.com", ("b@example.org",))
+    assert str(deliverer.deliver(email, ACCOUNT, "A" * 22).result.reply()).startswith("451 4.3.0")
+    assert not runner.open_spool() and not state.exists()
+    state.mkdir()
+    clock.advance(10)
+    assert runner.is_open
+    assert deliverer.deliver(email, ACCOUNT, "B" * 22).result == Queued("B" * 22)
+    assert len(transport.sent) == 1
+    runner.stopService()
