@@ -434,6 +434,12 @@ class QueueRunner(Service):
 
     def _attempt_done(self, _: Any, entry: _Entry) -> None:
         self._in_flight.discard(entry)
+        if entry.delete_requested and self._entries.get(entry.queue_id) is entry:
+            # The delete came while the outcome was being settled (saving the retry
+            # state, queueing a DSN): the entry was rescheduled, and must not be sent again.
+            defer.ensureDeferred(self._delete_requested(entry)).addErrback(
+                lambda f: self.log.failure("queue: cannot delete {queue_id}", f, queue_id=entry.queue_id)
+            )
         if not self._in_flight and self._idle_waiters:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
@@ -487,12 +493,16 @@ class QueueRunner(Service):
         except OSError as e:
             self.log.error("queue: cannot read message {queue_id}: {error}", queue_id=queue_id, error=str(e))
             outcome = Retry("mailgate", "cannot read the queued message", "4.3.0")
-        if entry.delete_requested:
-            self._forget(entry, "deleted")
-            await self._remove(entry)
-            self._emit("failed", entry, reason="deleted by the operator")
+        if entry.delete_requested and not isinstance(outcome, Delivered):
+            await self._delete_requested(entry)
             return
         await self._settle(entry, outcome, raw)
+
+    async def _delete_requested(self, entry: _Entry) -> None:
+        """Carry out a ``delete`` that arrived while the entry was being sent."""
+        self._forget(entry, "deleted")
+        await self._remove(entry)
+        self._emit("failed", entry, reason="deleted by the operator")
 
     async def _remove(self, entry: _Entry) -> None:
         """Remove an entry's files.  The common case (delivered at the first attempt,

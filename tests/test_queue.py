@@ -416,6 +416,42 @@ def test_delete_during_an_attempt_takes_effect_when_it_ends(harness: Any) -> Non
     assert len(transport.sent) == 1
 
 
+def test_delete_while_the_outcome_is_being_saved_is_not_lost(harness: Any) -> None:
+    """A delete that arrives while a failed attempt's retry state is being written
+    (in a thread) still removes the entry: it is never sent again."""
+    transport = ScriptedTransport(status(503))
+    h = harness(p1=transport)
+    saving: list[defer.Deferred[None]] = []
+
+    def run_in_thread(f: Any, *args: Any) -> defer.Deferred[Any]:
+        result = defer.maybeDeferred(f, *args)
+        if f == h.spool.write_state:
+            paused: defer.Deferred[None] = defer.Deferred()
+            saving.append(paused)
+            return paused.addCallback(lambda _: result)
+        return result
+
+    h.runner.run_in_thread = run_in_thread
+    h.accept()
+    assert len(saving) == 1
+    assert h.runner.delete("AAAAAAAAAAAAAAAAAAAAAA") == "deleted after the delivery attempt in progress ends"
+    saving[0].callback(None)
+    assert h.spool.ids() == [] and "AAAAAAAAAAAAAAAAAAAAAA" not in h.runner
+    h.clock.advance(3600)
+    assert len(transport.sent) == 1
+    assert h.events.kinds()[-1] == "failed"
+
+
+def test_delete_during_an_attempt_that_delivers_reports_it_delivered(harness: Any) -> None:
+    """The API took the message before the delete took effect: the event says delivered."""
+    transport = ScriptedTransport(PENDING)
+    h = harness(p1=transport)
+    h.accept()
+    h.runner.delete("AAAAAAAAAAAAAAAAAAAAAA")
+    transport.pending[0].callback(ok())
+    assert h.spool.ids() == [] and h.events.kinds() == ["delivered"]
+
+
 def test_concurrency_is_bounded(harness: Any) -> None:
     """No more than max_in_flight messages are being sent at once; the rest wait their turn."""
     transport = ScriptedTransport(*([PENDING] * 5))
