@@ -503,7 +503,11 @@ class Spool:
         self.create()
         found = Recovered()
         for name in os.listdir(self.tmp):
-            (self.tmp / name).unlink(missing_ok=True)
+            try:
+                (self.tmp / name).unlink(missing_ok=True)
+            except OSError as e:
+                log.warn("queue: cannot remove {path}: {error}", path=str(self.tmp / name), error=str(e))
+                continue
             found.temporaries_removed += 1
         names = set(os.listdir(self.messages))
         for name in sorted(names):
@@ -519,6 +523,15 @@ class Spool:
                     )
                     self.quarantine(name)
                     found.quarantined.append(name)
+                    continue
+                except OSError as e:
+                    # One unreadable file (permissions, I/O error) must not keep the
+                    # whole queue closed: it stays where it is for the operator.
+                    log.error(
+                        "queue entry {queue_id} cannot be read ({error}): left in place, not delivered",
+                        queue_id=name,
+                        error=str(e),
+                    )
                     continue
                 found.entries.append((envelope, self.read_state(name)))
             elif name.startswith("."):

@@ -165,6 +165,20 @@ def test_recovery_requeues_quarantines_and_cleans_up(spool: Spool, logged_errors
     assert bad.queue_id in event["queue_id"]
 
 
+def test_an_unreadable_entry_does_not_keep_the_queue_closed(spool: Spool, logged_errors: object) -> None:
+    """An entry that cannot be read (here a directory where a message file should be;
+    in life permissions or an I/O error) is logged and left alone; the rest is recovered."""
+    good, stuck = envelope(), new_queue_id()
+    spool.write(good, RAW)
+    spool.message_path(stuck).mkdir()
+    (spool.tmp / "leftover-directory").mkdir()
+    found = spool.recover()
+    assert [e.queue_id for e, _ in found.entries] == [good.queue_id]
+    assert spool.message_path(stuck).is_dir()
+    [event] = logged_errors.take()  # type: ignore[attr-defined]
+    assert event["queue_id"] == stuck
+
+
 def test_journal_records_accepted_requests_and_survives_a_torn_line(spool: Spool) -> None:
     """Appended records read back; a half-written last line (crash) is ignored, and
     the next append still produces a readable record."""
