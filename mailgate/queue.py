@@ -313,6 +313,11 @@ class QueueRunner(Service):
         self._add(entry)
         self._make_ready(entry)
         self._pump()
+        if entry.in_ready and len(self._ready) > self.max_in_flight:
+            # It waits behind a backlog (slow or rate-limited API): keeping every
+            # waiting message parsed in memory would grow without bound; the
+            # attempt reads it back from the spool instead.
+            entry.email = None
 
     # -- operator actions (queue CLI) ---------------------------------------------
 

@@ -465,6 +465,23 @@ def test_concurrency_is_bounded(harness: Any) -> None:
     assert len(transport.sent) == 3
 
 
+def test_messages_waiting_behind_a_backlog_are_not_kept_in_memory(harness: Any) -> None:
+    """Beyond max_in_flight waiting messages, the parsed copy is dropped (memory stays
+    bounded while an API is slow) and the message is read back from the spool when its turn comes."""
+    transport = ScriptedTransport(*([PENDING] * 2))
+    h = harness(p1=transport)
+    h.runner.max_in_flight = 2
+    ids = [letter * 22 for letter in "ABCDEFG"]
+    for queue_id in ids:
+        h.accept(queue_id=queue_id)
+    held = [queue_id for queue_id in ids if h.runner._entries[queue_id].email is not None]
+    assert held == ids[2:4]  # A and B are being sent; C and D wait parsed; the rest on disk only
+    for pending in transport.pending:
+        pending.callback(ok())
+    assert h.spool.ids() == [] and len(transport.sent) == 7
+    assert {p["subject"] for p in transport.payloads()} == {"hello"}
+
+
 def test_snapshot_reports_the_oldest_age(harness: Any) -> None:
     """/metrics gets the age of the oldest entry."""
     h = harness(p1=ScriptedTransport(status(503)))
