@@ -436,6 +436,7 @@ class QueueRunner(Service):
         self.log.failure("queue: delivery of {queue_id} failed unexpectedly", failure, queue_id=entry.queue_id)
         if entry.queue_id in self._entries:
             self._schedule(entry, self.clock.seconds() + self.policy.first_retry, self.clock.seconds())
+            self._notify(entry, "deferred")
 
     def _attempt_done(self, _: Any, entry: _Entry) -> None:
         self._in_flight.discard(entry)

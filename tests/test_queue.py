@@ -482,6 +482,17 @@ def test_messages_waiting_behind_a_backlog_are_not_kept_in_memory(harness: Any) 
     assert {p["subject"] for p in transport.payloads()} == {"hello"}
 
 
+def test_flush_ends_even_when_an_attempt_crashes(harness: Any, logged_errors: Any) -> None:
+    """A bug in an attempt must not leave `mailgate queue flush` waiting forever."""
+    h = harness(p1=ScriptedTransport(status(503)))
+    h.accept()
+    h.dispatcher.deliver = lambda *args, **kwargs: defer.fail(RuntimeError("bug"))
+    flushed = h.runner.flush()
+    assert flushed.result == {"deferred": 1}
+    assert logged_errors.take()
+    assert h.spool.ids() == ["AAAAAAAAAAAAAAAAAAAAAA"]
+
+
 def test_snapshot_reports_the_oldest_age(harness: Any) -> None:
     """/metrics gets the age of the oldest entry."""
     h = harness(p1=ScriptedTransport(status(503)))
