@@ -42,6 +42,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -132,7 +133,7 @@ class Envelope:
             controls = document["controls"]
             return cls(
                 queue_id=_text(document["queue_id"]),
-                arrival=float(document["arrival"]),
+                arrival=_finite(document["arrival"]),
                 sender=_text(document["sender"]),
                 recipients=tuple(_text(r) for r in document["recipients"]),
                 account=Account(
@@ -167,6 +168,15 @@ class Envelope:
             raise CorruptEntry(f"invalid envelope ({type(e).__name__}: {e})") from None
 
 
+def _finite(value: Any) -> float:
+    """A time: Python's JSON reads NaN and Infinity, which would make the lifetime
+    arithmetic never give up (NaN arrival) or never retry (infinite next attempt)."""
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"not a finite number: {value!r}")
+    return number
+
+
 def _text(value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError(f"expected a string, got {type(value).__name__}")
@@ -195,9 +205,9 @@ class EntryState:
             document = json.loads(data)
             return cls(
                 attempts=int(document["attempts"]),
-                next_attempt=None if document["next_attempt"] is None else float(document["next_attempt"]),
+                next_attempt=None if document["next_attempt"] is None else _finite(document["next_attempt"]),
                 last_error=document["last_error"],
-                last_attempt=None if document["last_attempt"] is None else float(document["last_attempt"]),
+                last_attempt=None if document["last_attempt"] is None else _finite(document["last_attempt"]),
             )
         except (ValueError, KeyError, TypeError) as e:
             raise CorruptEntry(f"invalid state file ({type(e).__name__})") from None

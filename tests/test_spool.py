@@ -210,6 +210,20 @@ def test_unreadable_state_means_a_fresh_start(spool: Spool) -> None:
     assert spool.read_state(entry.queue_id) == EntryState()
 
 
+def test_non_finite_times_are_rejected(spool: Spool) -> None:
+    """NaN or Infinity (which Python's JSON reads) as a time would retry a message
+    forever or never: the envelope is corrupt, the state file starts afresh."""
+    document = json.loads(envelope().to_json())
+    document["arrival"] = float("nan")
+    with pytest.raises(CorruptEntry):
+        Envelope.from_json(json.dumps(document).encode())
+    queue_id = new_queue_id()
+    (spool.messages / f"{queue_id}.state").write_text(
+        '{"attempts":1,"next_attempt":Infinity,"last_error":null,"last_attempt":null}'
+    )
+    assert spool.read_state(queue_id) == EntryState()
+
+
 def test_lock_excludes_a_second_process(spool: Spool, tmp_path: Path) -> None:
     """Two servers on one queue would send everything twice: the second is refused."""
     spool.lock()
