@@ -560,8 +560,8 @@ class Spool:
         for queue_id in self.ids():
             try:
                 envelope, _ = self.load(queue_id)
-            except (CorruptEntry, FileNotFoundError):
-                continue
+            except (CorruptEntry, OSError):
+                continue  # damaged, gone meanwhile, or unreadable: the others are still listed
             yield envelope, self.read_state(queue_id)
 
 

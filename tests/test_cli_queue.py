@@ -66,6 +66,14 @@ def test_list_shows_state_attempts_next_attempt_and_last_error(state_dir: Path, 
     assert SECRET not in out
 
 
+def test_list_skips_an_unreadable_entry(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One unreadable file (here a directory named like a message) does not hide the rest."""
+    (state_dir / "queue" / "messages" / ("Q" * 22)).mkdir()
+    code, out, err = run(capsys, "queue", "list", "--state-dir", str(state_dir))
+    assert code == 0, err
+    assert out.splitlines()[-1] == "2 messages"
+
+
 def test_list_json_and_config_lookup(state_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--config finds the queue through [server] state_dir (relative to the file); --json is machine-readable."""
     config = tmp_path / "mailgate.toml"
