@@ -191,6 +191,11 @@ class SMTPSession(ESMTP):
         self.peer_ip = client_ip(self.transport.getPeer())
         self._started = self.clock.seconds()
         self.metrics.connection_opened(self.policy.listener)
+        if getattr(self.factory, "shutting_down", False):
+            # Before admission: a stopping server's answer is 4.3.2 whatever the load
+            # (SECURITY.md, SIGTERM), and a refused session takes no rate token.
+            self._close_with(replies.SHUTTING_DOWN)
+            return
         refusal = self.admission.open_session(self.peer_ip)
         if refusal is not None:
             # Shed load and over-eager clients at the door (README.rst "Defences and
@@ -208,9 +213,6 @@ class SMTPSession(ESMTP):
         if self.policy.implicit_tls:
             self._tls_active = True
             self._start_handshake_timer()
-        if getattr(self.factory, "shutting_down", False):
-            self._close_with(replies.SHUTTING_DOWN)
-            return
         self._send(Reply(220, "", f"{self.policy.hostname} ESMTP mailgate"))
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]

@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 
-from twisted.internet import defer
+from twisted.internet import address, defer
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransportWithDisconnection
 
 from mailgate.admission import Admission
 from mailgate.config import LimitsConfig
 from mailgate.message import MessageParseError, MessageTooLarge
 from mailgate.outcome import Delivered
-from tests.smtp_helpers import MESSAGE, FakeDeliverer, authed_client, connect, plain, stuff, tls_client
+from mailgate.smtp import SMTPSessionFactory
+from tests.smtp_helpers import MESSAGE, FakeDeliverer, authed_client, connect, make_policy, plain, stuff, tls_client
 
 OK = "250 2.0.0 Ok: prov-1"
 
 
 def shared(**limits: object) -> Admission:
-    from twisted.internet.task import Clock
-
     return Admission(dataclasses.replace(LimitsConfig(exempt_networks=()), **limits), Clock())
 
 
@@ -138,3 +139,20 @@ def test_parser_refusals_are_counted_out_and_answered_precisely() -> None:
     ]
     assert client.message() == ["554 5.6.0 Message could not be parsed: too deep"]
     assert gate.deliveries == 0
+
+
+def test_stopping_server_answers_4_3_2_even_when_busy() -> None:
+    """During shutdown a new connection hears 421 4.3.2 (not the load-shedding 4.7.0),
+    is not counted as a session and takes none of its client's connection-rate budget."""
+    gate = shared(max_sessions=1, max_connection_rate_per_ip=1)
+    busy = connect(admission=gate, peer="198.51.100.9")
+    factory = SMTPSessionFactory(make_policy("submission"), None, FakeDeliverer(), Clock(), None, admission=gate)
+    factory.shutting_down = True
+    session = factory.buildProtocol(None)
+    transport = StringTransportWithDisconnection(peerAddress=address.IPv4Address("TCP", "203.0.113.7", 4000))
+    transport.protocol = session
+    session.makeConnection(transport)
+    assert transport.value() == b"421 4.3.2 Service shutting down, try again later\r\n"
+    assert gate.sessions == 1 and gate.connections_from("203.0.113.7") == 0
+    busy.session.connectionLost(None)
+    assert gate.open_session("203.0.113.7") is None  # Its one token per minute is intact.
