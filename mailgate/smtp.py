@@ -659,6 +659,8 @@ class SMTPSession(ESMTP):
             return None
         if isinstance(step, auth.Refused):
             return step.reply
+        if not self.admission.auth_attempt(self.peer_ip):
+            return self._refuse_throttled_auth()  # Spent by this client's parallel sessions.
         if step.credentials is None:
             return self._auth_failed(mechanism.name)
         login = self.portal.login(step.credentials, None, IAccount)
@@ -669,6 +671,7 @@ class SMTPSession(ESMTP):
 
     def _logged_in(self, result: tuple[Any, Account, Callable[[], None]], mechanism: str) -> Reply:
         _, account, _ = result
+        self.admission.auth_not_failed(self.peer_ip)
         self.account = account
         self.metrics.auth_result(mechanism, "success")
         self.log.info(
@@ -682,6 +685,7 @@ class SMTPSession(ESMTP):
     def _login_failed(self, failure: Failure, mechanism: str) -> Any:
         if failure.check(UnauthorizedLogin):
             return self._auth_failed(mechanism)
+        self.admission.auth_not_failed(self.peer_ip)  # An outage, not a wrong password.
         self.metrics.auth_result(mechanism, "error")
         if failure.check(AccountStoreUnavailable):
             # The store logged the cause; this is an outage, not a bug: no traceback.
@@ -705,8 +709,7 @@ class SMTPSession(ESMTP):
     def _auth_failed(self, mechanism: str) -> Any:
         """Answer a failed login slowly, and close after too many (SECURITY.md 7)."""
         self._auth_failures += 1
-        self.metrics.auth_result(mechanism, "failure")
-        self.admission.auth_failed(self.peer_ip)
+        self.metrics.auth_result(mechanism, "failure")  # Charged by auth_attempt already.
         self.log.info(
             "AUTH {mechanism} failure {count}: peer={peer}",
             mechanism=mechanism,

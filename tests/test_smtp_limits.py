@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import address, defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
@@ -156,3 +157,34 @@ def test_stopping_server_answers_4_3_2_even_when_busy() -> None:
     assert gate.sessions == 1 and gate.connections_from("203.0.113.7") == 0
     busy.session.connectionLost(None)
     assert gate.open_session("203.0.113.7") is None  # Its one token per minute is intact.
+
+
+class SlowPortal:
+    """An account store that answers only when the test says so."""
+
+    def __init__(self) -> None:
+        self.pending: list[defer.Deferred[object]] = []
+
+    def login(self, credentials: object, mind: object, *interfaces: object) -> defer.Deferred[object]:
+        self.pending.append(defer.Deferred())
+        return self.pending[-1]
+
+
+def test_parallel_sessions_share_the_auth_failure_budget() -> None:
+    """A guesser's parallel sessions, all sending AUTH while the account store is slow,
+    get max_auth_failures_per_ip password checks in all, not one per session."""
+    gate = shared(max_auth_failures_per_ip=2)
+    portal = SlowPortal()
+    clients = [tls_client(admission=gate, auth_failure_delay=1.0) for _ in range(5)]
+    for client in clients:
+        client.session.portal = portal
+        client.ehlo()
+        client.send(b"AUTH PLAIN " + plain("alice", "guess") + b"\r\n")
+    assert len(portal.pending) == 2
+    for pending in portal.pending:
+        pending.errback(UnauthorizedLogin())
+    for client in clients:
+        client.clock.advance(3.0)
+    assert [client.replies() for client in clients] == [
+        ["535 5.7.8 Authentication credentials invalid"]
+    ] * 2 + [["421 4.7.0 Too many authentication failures from your address, try again later"]] * 3
