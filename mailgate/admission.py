@@ -117,6 +117,11 @@ class TokenBuckets:
         self._store(key, tokens - 1.0)
         return True
 
+    def give(self, key: str) -> None:
+        """Return a token taken by :meth:`take` for an event that did not count."""
+        if key in self._buckets:
+            self._store(key, min(float(self.limit), self.tokens(key) + 1.0))
+
     def _store(self, key: str, tokens: float) -> None:
         buckets = self._buckets
         buckets.pop(key, None)
@@ -196,9 +201,21 @@ class Admission:
         """True once ``host`` has used up its failed-login budget for the window."""
         return not self._exempt(host) and self._auth_failures.exhausted(client_key(host))
 
-    def auth_failed(self, host: str) -> None:
+    def auth_attempt(self, host: str) -> bool:
+        """Charge one login attempt to ``host``'s failed-login budget *before* the
+        credentials are checked; False (nothing charged) when the budget is spent.
+
+        Charging up front is what makes the budget hold across parallel sessions:
+        a guesser's concurrent connections, each past :meth:`auth_blocked` while
+        the account store answers, would otherwise all get a guess.  An attempt
+        that did not fail is handed back with :meth:`auth_not_failed`."""
+        return self._exempt(host) or self._auth_failures.take(client_key(host))
+
+    def auth_not_failed(self, host: str) -> None:
+        """Give back the attempt charged by :meth:`auth_attempt` (login succeeded,
+        or the account store could not answer)."""
         if not self._exempt(host):
-            self._auth_failures.take(client_key(host))
+            self._auth_failures.give(client_key(host))
 
     @property
     def tracked_clients(self) -> int:

@@ -191,6 +191,11 @@ class SMTPSession(ESMTP):
         self.peer_ip = client_ip(self.transport.getPeer())
         self._started = self.clock.seconds()
         self.metrics.connection_opened(self.policy.listener)
+        if getattr(self.factory, "shutting_down", False):
+            # Before admission: a stopping server's answer is 4.3.2 whatever the load
+            # (SECURITY.md, SIGTERM), and a refused session takes no rate token.
+            self._close_with(replies.SHUTTING_DOWN)
+            return
         refusal = self.admission.open_session(self.peer_ip)
         if refusal is not None:
             # Shed load and over-eager clients at the door (README.rst "Defences and
@@ -208,9 +213,6 @@ class SMTPSession(ESMTP):
         if self.policy.implicit_tls:
             self._tls_active = True
             self._start_handshake_timer()
-        if getattr(self.factory, "shutting_down", False):
-            self._close_with(replies.SHUTTING_DOWN)
-            return
         self._send(Reply(220, "", f"{self.policy.hostname} ESMTP mailgate"))
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
@@ -657,6 +659,8 @@ class SMTPSession(ESMTP):
             return None
         if isinstance(step, auth.Refused):
             return step.reply
+        if not self.admission.auth_attempt(self.peer_ip):
+            return self._refuse_throttled_auth()  # Spent by this client's parallel sessions.
         if step.credentials is None:
             return self._auth_failed(mechanism.name)
         login = self.portal.login(step.credentials, None, IAccount)
@@ -667,6 +671,7 @@ class SMTPSession(ESMTP):
 
     def _logged_in(self, result: tuple[Any, Account, Callable[[], None]], mechanism: str) -> Reply:
         _, account, _ = result
+        self.admission.auth_not_failed(self.peer_ip)
         self.account = account
         self.metrics.auth_result(mechanism, "success")
         self.log.info(
@@ -680,6 +685,7 @@ class SMTPSession(ESMTP):
     def _login_failed(self, failure: Failure, mechanism: str) -> Any:
         if failure.check(UnauthorizedLogin):
             return self._auth_failed(mechanism)
+        self.admission.auth_not_failed(self.peer_ip)  # An outage, not a wrong password.
         self.metrics.auth_result(mechanism, "error")
         if failure.check(AccountStoreUnavailable):
             # The store logged the cause; this is an outage, not a bug: no traceback.
@@ -703,8 +709,7 @@ class SMTPSession(ESMTP):
     def _auth_failed(self, mechanism: str) -> Any:
         """Answer a failed login slowly, and close after too many (SECURITY.md 7)."""
         self._auth_failures += 1
-        self.metrics.auth_result(mechanism, "failure")
-        self.admission.auth_failed(self.peer_ip)
+        self.metrics.auth_result(mechanism, "failure")  # Charged by auth_attempt already.
         self.log.info(
             "AUTH {mechanism} failure {count}: peer={peer}",
             mechanism=mechanism,

@@ -137,8 +137,8 @@ def test_exempt_networks_skip_per_client_limits_only() -> None:
     )
     assert [gate.open_session("127.0.0.1") for _ in range(3)] == [None, None, None]
     assert gate.open_session("127.0.0.1") == replies.SERVER_BUSY
-    gate.auth_failed("127.0.0.1")
-    gate.auth_failed("127.0.0.1")
+    gate.auth_attempt("127.0.0.1")
+    gate.auth_attempt("127.0.0.1")
     assert not gate.auth_blocked("127.0.0.1")
 
 
@@ -148,12 +148,12 @@ def test_auth_failures_across_sessions() -> None:
     gate, clock = admission(max_auth_failures_per_ip=3, auth_failure_window=300.0)
     for _ in range(3):
         assert not gate.auth_blocked("192.0.2.1")
-        gate.auth_failed("192.0.2.1")
+        gate.auth_attempt("192.0.2.1")
     assert gate.auth_blocked("192.0.2.1")
     assert not gate.auth_blocked("192.0.2.2")
     clock.advance(100.0)
     assert not gate.auth_blocked("192.0.2.1")
-    gate.auth_failed("192.0.2.1")
+    gate.auth_attempt("192.0.2.1")
     assert gate.auth_blocked("192.0.2.1")
 
 
@@ -163,10 +163,23 @@ def test_state_is_released() -> None:
     for index in range(50):
         host = f"192.0.2.{index}"
         assert gate.open_session(host) is None
-        gate.auth_failed(host)
+        gate.auth_attempt(host)
         gate.close_session(host)
     assert gate.tracked_clients == 100
     clock.advance(max(CONNECTION_RATE_WINDOW, gate.limits.auth_failure_window))
     gate.open_session("198.51.100.1")
     gate.auth_blocked("198.51.100.1")
     assert gate.tracked_clients == 2
+
+
+def test_auth_attempts_are_charged_up_front_and_successes_given_back() -> None:
+    """The budget is spent as attempts start (so parallel sessions share it); an attempt
+    that did not fail is handed back, so logging in costs nothing."""
+    gate, _ = admission(max_auth_failures_per_ip=2)
+    assert gate.auth_attempt("192.0.2.1") and gate.auth_attempt("192.0.2.1")
+    assert not gate.auth_attempt("192.0.2.1") and gate.auth_blocked("192.0.2.1")
+    gate.auth_not_failed("192.0.2.1")
+    assert not gate.auth_blocked("192.0.2.1")
+    gate.auth_not_failed("192.0.2.1")
+    gate.auth_not_failed("192.0.2.1")  # Never more than the full budget.
+    assert [gate.auth_attempt("192.0.2.1") for _ in range(3)] == [True, True, False]

@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import dataclasses
 
-from twisted.internet import defer
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import address, defer
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransportWithDisconnection
 
 from mailgate.admission import Admission
 from mailgate.config import LimitsConfig
 from mailgate.message import MessageParseError, MessageTooLarge
 from mailgate.outcome import Delivered
-from tests.smtp_helpers import MESSAGE, FakeDeliverer, authed_client, connect, plain, stuff, tls_client
+from mailgate.smtp import SMTPSessionFactory
+from tests.smtp_helpers import MESSAGE, FakeDeliverer, authed_client, connect, make_policy, plain, stuff, tls_client
 
 OK = "250 2.0.0 Ok: prov-1"
 
 
 def shared(**limits: object) -> Admission:
-    from twisted.internet.task import Clock
-
     return Admission(dataclasses.replace(LimitsConfig(exempt_networks=()), **limits), Clock())
 
 
@@ -138,3 +140,51 @@ def test_parser_refusals_are_counted_out_and_answered_precisely() -> None:
     ]
     assert client.message() == ["554 5.6.0 Message could not be parsed: too deep"]
     assert gate.deliveries == 0
+
+
+def test_stopping_server_answers_4_3_2_even_when_busy() -> None:
+    """During shutdown a new connection hears 421 4.3.2 (not the load-shedding 4.7.0),
+    is not counted as a session and takes none of its client's connection-rate budget."""
+    gate = shared(max_sessions=1, max_connection_rate_per_ip=1)
+    busy = connect(admission=gate, peer="198.51.100.9")
+    factory = SMTPSessionFactory(make_policy("submission"), None, FakeDeliverer(), Clock(), None, admission=gate)
+    factory.shutting_down = True
+    session = factory.buildProtocol(None)
+    transport = StringTransportWithDisconnection(peerAddress=address.IPv4Address("TCP", "203.0.113.7", 4000))
+    transport.protocol = session
+    session.makeConnection(transport)
+    assert transport.value() == b"421 4.3.2 Service shutting down, try again later\r\n"
+    assert gate.sessions == 1 and gate.connections_from("203.0.113.7") == 0
+    busy.session.connectionLost(None)
+    assert gate.open_session("203.0.113.7") is None  # Its one token per minute is intact.
+
+
+class SlowPortal:
+    """An account store that answers only when the test says so."""
+
+    def __init__(self) -> None:
+        self.pending: list[defer.Deferred[object]] = []
+
+    def login(self, credentials: object, mind: object, *interfaces: object) -> defer.Deferred[object]:
+        self.pending.append(defer.Deferred())
+        return self.pending[-1]
+
+
+def test_parallel_sessions_share_the_auth_failure_budget() -> None:
+    """A guesser's parallel sessions, all sending AUTH while the account store is slow,
+    get max_auth_failures_per_ip password checks in all, not one per session."""
+    gate = shared(max_auth_failures_per_ip=2)
+    portal = SlowPortal()
+    clients = [tls_client(admission=gate, auth_failure_delay=1.0) for _ in range(5)]
+    for client in clients:
+        client.session.portal = portal
+        client.ehlo()
+        client.send(b"AUTH PLAIN " + plain("alice", "guess") + b"\r\n")
+    assert len(portal.pending) == 2
+    for pending in portal.pending:
+        pending.errback(UnauthorizedLogin())
+    for client in clients:
+        client.clock.advance(3.0)
+    assert [client.replies() for client in clients] == [
+        ["535 5.7.8 Authentication credentials invalid"]
+    ] * 2 + [["421 4.7.0 Too many authentication failures from your address, try again later"]] * 3
