@@ -64,18 +64,16 @@ def next_attempt(
 
     ``attempts`` counts the failed attempts so far, this one included.
     ``retry_after`` is the API's minimum delay in seconds: never retried sooner,
-    even beyond ``max_retry_interval``.  The last retry happens when the
-    lifetime ends (not a backoff period after it); when the lifetime has ended,
-    or ``Retry-After`` forbids any retry before it ends, the answer is None.
+    even beyond ``max_retry_interval``, as long as that is before the lifetime
+    ends.  The last retry happens when the lifetime ends (not a backoff period
+    after it), also when a ``Retry-After`` reaches past it: one absurd header
+    must not bounce a message that arrived a minute ago.  When the lifetime
+    has ended, the answer is None.
     """
     deadline = arrival + policy.lifetime
     if now >= deadline:
         return None
     delay = policy.backoff(attempts, random)
-    earliest = now
     if retry_after is not None and math.isfinite(retry_after) and retry_after > 0:
-        earliest = now + retry_after
         delay = max(delay, retry_after)
-    if earliest > deadline:
-        return None
     return min(now + delay, deadline)

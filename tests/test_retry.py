@@ -54,9 +54,14 @@ def test_gives_up_once_the_lifetime_is_over() -> None:
     assert next_attempt(POLICY, arrival=100, now=100 + POLICY.lifetime, attempts=120, random=MIDDLE) is None
 
 
-def test_gives_up_when_retry_after_reaches_past_the_lifetime() -> None:
-    """If the API forbids any retry before the lifetime ends, there is nothing left to try."""
-    assert next_attempt(POLICY, arrival=0, now=POLICY.lifetime - 10, attempts=3, random=MIDDLE, retry_after=60) is None
+def test_retry_after_past_the_lifetime_still_gets_the_last_attempt() -> None:
+    """A Retry-After reaching past the lifetime does not bounce the message at once:
+    the last attempt is at the end of the lifetime, and after it the message is given up."""
+    assert next_attempt(POLICY, arrival=0, now=60, attempts=1, random=MIDDLE, retry_after=30 * 86400) == POLICY.lifetime
+    assert next_attempt(POLICY, arrival=0, now=POLICY.lifetime - 10, attempts=3, random=MIDDLE, retry_after=60) == (
+        POLICY.lifetime
+    )
+    assert next_attempt(POLICY, arrival=0, now=POLICY.lifetime, attempts=4, random=MIDDLE, retry_after=60) is None
 
 
 @pytest.mark.parametrize(
@@ -77,13 +82,14 @@ def test_invalid_policies_are_refused(kwargs: dict[str, float]) -> None:
 )
 def test_schedule_invariants(attempts: int, random: float, now: float, retry_after: float | None) -> None:
     """Whatever the history: the next attempt is in the future, within the lifetime,
-    within the jittered cap (unless Retry-After asks for more), and not before Retry-After."""
+    within the jittered cap (unless Retry-After asks for more), and not before
+    Retry-After unless that reaches past the lifetime (then: the last attempt at its end)."""
     when = next_attempt(POLICY, arrival=0, now=now, attempts=attempts, random=random, retry_after=retry_after)
     if when is None:
-        assert now >= POLICY.lifetime or (retry_after is not None and now + retry_after > POLICY.lifetime)
+        assert now >= POLICY.lifetime
         return
     assert now < when <= POLICY.lifetime
     if retry_after:
-        assert when >= now + retry_after
+        assert when >= min(now + retry_after, POLICY.lifetime)
     else:
         assert when - now <= POLICY.max_retry_interval * (1 + POLICY.jitter)
