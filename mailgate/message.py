@@ -96,6 +96,10 @@ MAX_LINES = 500_000
 #: Largest single header field (with its continuation lines), whatever the
 #: block limit: see :class:`_HeaderBlockMeter`.
 MAX_FIELD_SIZE = 64 * 1024
+#: Parameters (";"-separated) in one ``Content-*`` field.  Real ones carry a
+#: handful; the stdlib's parameter parser costs about 1 ms per KiB of them,
+#: so 150 parts of 3,500 parameters each would cost seconds of CPU.
+MAX_CONTENT_PARAMETERS = 100
 #: Encoded words in one field beyond which it is decoded without the stdlib's
 #: RFC 2047 parser (:func:`_dense_encoded_words`).  A long subject in a
 #: non-Latin script has about ten.
@@ -272,15 +276,23 @@ class _HeaderBlockMeter:
 
     def __init__(self, limits: MimeLimits) -> None:
         self.limits = limits
-        self.octets = self.fields = self.field_octets = 0
+        self.octets = self.fields = self.field_octets = self.parameters = 0
+        self.content_field = False
 
-    def line(self, length: int, continuation: bool) -> None:
+    def line(self, text: str | bytes, continuation: bool) -> None:
+        length = len(text)
         self.octets += length
         if continuation:
             self.field_octets += length
         else:
             self.fields += 1
             self.field_octets = length
+            self.content_field = text[:8].lower() in ("content-", b"content-")
+            self.parameters = 0
+        if self.content_field:
+            self.parameters += text.count(";" if isinstance(text, str) else b";")
+            if self.parameters > MAX_CONTENT_PARAMETERS:
+                raise MessageParseError(f"a Content-* header field has more than {MAX_CONTENT_PARAMETERS} parameters")
         if self.octets > self.limits.max_header_size:
             raise MessageTooLarge(f"header block larger than {self.limits.max_header_size} octets")
         if self.field_octets > MAX_FIELD_SIZE:
@@ -317,7 +329,7 @@ class _LimitedFeedParser(BytesFeedParser):
     def _parse_headers(self, lines: list[str]) -> None:
         meter = _HeaderBlockMeter(self._limits)
         for line in lines:
-            meter.line(len(line), line[:1] in (" ", "\t"))
+            meter.line(line, line[:1] in (" ", "\t"))
         super()._parse_headers(lines)  # type: ignore[misc]
 
 
@@ -334,7 +346,7 @@ def _prescan_top_header_block(raw: bytes, limits: MimeLimits) -> None:
         line = match.group()
         if not line or not _HEADER_LINE.match(line):
             break
-        meter.line(len(line), line[:1] in (b" ", b"\t"))
+        meter.line(line, line[:1] in (b" ", b"\t"))
         pos = match.end()
 
 

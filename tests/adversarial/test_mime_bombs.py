@@ -93,6 +93,33 @@ BOMBS = {
         HEAD + b"\r\n" * 520000,
         "552 5.3.4 Message size exceeds fixed maximum message size: message has more than 500000 lines",
     ),
+    "disposition-parameters-20x3500": (
+        multipart(
+            [
+                b"Content-Type: application/octet-stream\r\nContent-Disposition: attachment"
+                + wrap(b"".join(b"; p%d=v" % i for i in range(3500)))
+                + b"\r\n\r\nx\r\n"
+            ]
+            * 20
+        ),
+        "554 5.6.0 Message could not be parsed: a Content-* header field has more than 100 parameters",
+    ),
+    "top-content-type-parameters-3500": (
+        HEAD + b"Content-Type: text/plain" + wrap(b"".join(b'; p%d="v"' % i for i in range(3500))) + b"\r\n\r\nx\r\n",
+        "554 5.6.0 Message could not be parsed: a Content-* header field has more than 100 parameters",
+    ),
+    "rfc2231-continuations-3000": (
+        multipart(
+            [b"\r\nhi\r\n", b"Content-Disposition: attachment; " + folded([b"filename*%d=a" % i for i in range(3000)], b"; ", 40) + b"\r\n\r\nd\r\n"]
+        ),
+        "554 5.6.0 Message could not be parsed: a Content-* header field has more than 100 parameters",
+    ),
+    "content-type-params-4000": (
+        multipart(
+            [b"\r\nhi\r\n", b"Content-Type: application/x; " + folded([b"p%d=v" % i for i in range(4000)], b"; ", 60) + b"\r\n\r\nd\r\n"]
+        ),
+        "554 5.6.0 Message could not be parsed: a Content-* header field has more than 100 parameters",
+    ),
     "parse-work": (
         nested_multipart(40, b"x\r\n" * 340000),
         "554 5.6.0 Message could not be parsed: MIME structure too complex for the message size",
@@ -125,12 +152,6 @@ ODD_BUT_FINE = {
     "encoded-word-subject-60k": HEAD.replace(b"Subject: bomb", b"Subject: " + folded([b"=?utf-8?b?YQ==?="] * 3500, b" ", 50)) + b"\r\nx\r\n",
     "nested-comments-from": b"From: " + wrap(b"(" * 3000 + b"c" + b")" * 3000) + b" alice@example.com\r\nTo: bob@example.org\r\n\r\nx\r\n",
     "unclosed-comment-from": b"From: " + wrap(b"(" * 3000) + b" alice@example.com\r\nTo: bob@example.org\r\n\r\nx\r\n",
-    "rfc2231-continuations-3000": multipart(
-        [b"\r\nhi\r\n", b"Content-Disposition: attachment; " + folded([b"filename*%d=a" % i for i in range(3000)], b"; ", 40) + b"\r\n\r\nd\r\n"]
-    ),
-    "content-type-params-4000": multipart(
-        [b"\r\nhi\r\n", b"Content-Type: application/x; " + folded([b"p%d=v" % i for i in range(4000)], b"; ", 60) + b"\r\n\r\nd\r\n"]
-    ),
     "base64-garbage-700k": multipart(
         [b"\r\nhi\r\n", b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n" + b"!!!!====\x7f\x7f\r\n" * 70000]
     ),
