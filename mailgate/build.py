@@ -251,6 +251,7 @@ def listener_factory(
     name: str = "",
     metrics: Metrics | None = None,
     admission: Admission | None = None,
+    route_recipient_limit: Callable[[Account], int | None] | None = None,
 ) -> Any:
     """The protocol factory for one listener; ``submissions`` is wrapped in TLS (RFC 8314)."""
     factory = SMTPSessionFactory(
@@ -265,6 +266,7 @@ def listener_factory(
         message_rate=message_rate,
         metrics=metrics,
         admission=admission,
+        route_recipient_limit=route_recipient_limit,
     )
     if listener.implicit_tls:
         return TLSMemoryBIOFactory(tls, False, factory)
@@ -381,7 +383,8 @@ def build_service(
             listener.mode or config.delivery.mode, {"sync": dispatcher, "queue": queue_deliverer}
         )
         factory = listener_factory(
-            config, listener, tls, portal, deliverer, reactor, cram_md5, message_rate, name, metrics, admission
+            config, listener, tls, portal, deliverer, reactor, cram_md5, message_rate, name, metrics, admission,
+            route_recipient_limit=dispatcher.recipient_limit,
         )
         smtp_factories.append(getattr(factory, "wrappedFactory", factory))
         service = ListenerService(name, endpoint, factory)

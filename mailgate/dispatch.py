@@ -176,6 +176,20 @@ class Dispatcher:
             return refusal
         return Retry("mailgate", "no provider is configured for this account", "4.3.5")
 
+    def recipient_limit(self, account: Account) -> int | None:
+        """The most recipients one message on ``account``'s route can have: the
+        largest ``max_recipients`` among its providers (any provider without such
+        a limit, or an unknown one, lifts it).  The session refuses more at RCPT
+        (452 4.5.3), where the client can send the rest in another transaction."""
+        limits = []
+        for name in account.route or self.default_route:
+            route = self.providers.get(name)
+            limit = getattr(route.adapter, "max_recipients", None) if route is not None else None
+            if limit is None:
+                return None
+            limits.append(limit)
+        return max(limits, default=None)
+
     def _all_routes_down(self, names: list[str]) -> Retry:
         """Every usable provider's circuit is open: nothing was sent.  ``after``
         is when the first of them lets a probe through."""

@@ -140,8 +140,12 @@ class SMTPSession(ESMTP):
         message_rate: AccountRateLimiter | None = None,
         metrics: Metrics | None = None,
         admission: Admission | None = None,
+        route_recipient_limit: Callable[[Account], int | None] | None = None,
     ):
         super().__init__(chal={}, contextFactory=policy.tls)
+        # The most recipients any provider of an account's route takes in one
+        # message (None: no such limit); see smtp_RCPT.
+        self.route_recipient_limit = route_recipient_limit
         self.metrics = metrics if metrics is not None else Metrics()
         # Shared by all listeners in a gateway (build.py); a private one otherwise.
         self.admission = admission if admission is not None else Admission(policy.limits, clock)
@@ -773,6 +777,11 @@ class SMTPSession(ESMTP):
             # One copy per address, as RFC 5321 §3.3 allows; repeating it moves no mail.
             return STOP if self._junk() else replies.RECIPIENT_OK
         limit = self._transaction_account.max_recipients or self.policy.limits.max_recipients
+        if self.route_recipient_limit is not None:
+            # A provider limit refused only at the final dot would be a 4xx for the
+            # whole message, retried by the client forever; refused here, the client
+            # sends the rest in another transaction (RFC 5321 §4.5.3.1.10).
+            limit = min(limit, self.route_recipient_limit(self._transaction_account) or limit)
         if len(self._recipients) >= limit:
             return replies.TOO_MANY_RECIPIENTS
         self._recipients.append(path.address)
@@ -944,8 +953,10 @@ class SMTPSessionFactory(SMTPFactory):
         message_rate: AccountRateLimiter | None = None,
         metrics: Metrics | None = None,
         admission: Admission | None = None,
+        route_recipient_limit: Callable[[Account], int | None] | None = None,
     ):
         super().__init__(portal)
+        self.route_recipient_limit = route_recipient_limit
         self.policy = policy
         self.deliverer = deliverer
         self.clock = clock
@@ -969,6 +980,7 @@ class SMTPSessionFactory(SMTPFactory):
             self.message_rate,
             self.metrics,
             admission=self.admission,
+            route_recipient_limit=self.route_recipient_limit,
         )
         session.factory = self
         self.sessions.add(session)

@@ -593,3 +593,26 @@ def test_refusal_only_when_no_provider_can_carry_it() -> None:
     accepting = route("a", ScriptedTransport())
     assert Dispatcher({"r": refusing}, ("r",), Clock()).refusal(EMAIL, Account(name="x")) == Failed("r", "cannot carry it", 554, "5.6.0")
     assert Dispatcher({"r": refusing, "a": accepting}, ("r", "a"), Clock()).refusal(EMAIL, Account(name="x")) is None
+
+
+def test_recipient_limit_is_the_largest_on_the_route() -> None:
+    """The session refuses recipients beyond what any provider of the route takes:
+    the largest provider limit wins (failover may reach it); a provider without a
+    limit, or an unknown name, lifts it."""
+
+    class Limited(WebhookProvider):
+        def __init__(self, name: str, limit: int) -> None:
+            super().__init__(name, {"url": f"https://{name}.example/v1"})
+            self.max_recipients = limit
+
+    transport = Always("x")
+    providers = {
+        "fifty": Route(Limited("fifty", 50), transport),
+        "thousand": Route(Limited("thousand", 1000), transport),
+        "open": route("open", transport),
+    }
+    dispatcher = Dispatcher(providers, ("fifty",), Clock())
+    assert dispatcher.recipient_limit(Account(name="a")) == 50
+    assert dispatcher.recipient_limit(Account(name="a", route=("fifty", "thousand"))) == 1000
+    assert dispatcher.recipient_limit(Account(name="a", route=("fifty", "open"))) is None
+    assert dispatcher.recipient_limit(Account(name="a", route=("fifty", "missing"))) is None

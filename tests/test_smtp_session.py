@@ -453,6 +453,26 @@ def test_recipient_limit_account_overrides_server():
     assert carol.code("RCPT TO:<r60@c.example>").startswith("452 4.5.3")
 
 
+def test_recipient_limit_of_the_route_applies_at_rcpt():
+    """A route whose providers take at most 3 recipients per message refuses the 4th
+    at RCPT with 452 4.5.3 (the client sends the rest in another transaction), instead
+    of a 4xx for the whole message at the final dot, which a client retries forever."""
+    carol = authed_client("carol", max_recipients=50)  # carol's own limit: 60
+    seen = []
+    carol.session.route_recipient_limit = lambda account: seen.append(account.name) or 3
+    carol.code("MAIL FROM:<c@example.com>")
+    for n in range(3):
+        assert carol.code(f"RCPT TO:<r{n}@c.example>").startswith("250")
+    assert carol.code("RCPT TO:<r3@c.example>") == "452 4.5.3 Too many recipients"
+    assert seen[-1] == "carol"
+    unlimited = authed_client("carol", max_recipients=50)
+    unlimited.session.route_recipient_limit = lambda account: None
+    unlimited.code("MAIL FROM:<c@example.com>")
+    for n in range(60):
+        assert unlimited.code(f"RCPT TO:<r{n}@c.example>").startswith("250")
+    assert unlimited.code("RCPT TO:<r60@c.example>").startswith("452 4.5.3")
+
+
 def test_duplicate_recipient_accepted_once():
     """A recipient given twice (any case) is accepted and counted once."""
     client = authed_client()

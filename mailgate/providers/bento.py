@@ -110,6 +110,8 @@ def email_payload(email: OutboundEmail) -> dict[str, Any]:
 class BentoProvider:
     """Adapter for Bento's Emails API."""
 
+    max_recipients = MAX_RECIPIENTS  # Refused at RCPT beyond this (Dispatcher.recipient_limit).
+
     type = "bento"
 
     def __init__(self, name: str, settings: Mapping[str, Any]):

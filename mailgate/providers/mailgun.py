@@ -159,6 +159,8 @@ def form_fields(email: OutboundEmail, recipients: Recipients, batch: bool = Fals
 class MailgunProvider:
     """Adapter for Mailgun's messages API."""
 
+    max_recipients = MAX_RECIPIENTS  # Refused at RCPT beyond this (Dispatcher.recipient_limit).
+
     type = "mailgun"
 
     def __init__(

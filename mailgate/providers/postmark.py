@@ -173,6 +173,8 @@ def email_payload(email: OutboundEmail, recipients: Recipients) -> dict[str, Any
 class PostmarkProvider:
     """Adapter for Postmark's Email API."""
 
+    max_recipients = MAX_RECIPIENTS  # Refused at RCPT beyond this (Dispatcher.recipient_limit).
+
     type = "postmark"
 
     def __init__(self, name: str, settings: Mapping[str, Any]):

@@ -252,6 +252,8 @@ def email_payload(email: OutboundEmail) -> dict[str, Any]:
 class SendGridProvider:
     """Adapter for SendGrid's v3 Mail Send API."""
 
+    max_recipients = MAX_RECIPIENTS  # Refused at RCPT beyond this (Dispatcher.recipient_limit).
+
     type = "sendgrid"
 
     def __init__(self, name: str, settings: Mapping[str, Any]):

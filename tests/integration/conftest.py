@@ -110,7 +110,7 @@ api_timeout = 2
 
 [limits]
 max_message_size = "1MiB"
-max_recipients = 50
+{"" if "max_recipients" in limits else "max_recipients = 50"}
 auth_failure_delay = 0.05
 {limits}
 

@@ -117,6 +117,18 @@ async def test_postmark_bcc_stays_blind(postmark: Gateway) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_postmark_recipient_limit_is_refused_at_rcpt(tmp_path: Path, tls_files: tuple[Path, Path, Path]) -> None:
+    """With the server allowing 100 recipients, Postmark's 50 is enforced at RCPT:
+    the 51st gets 452 4.5.3, so the client sends the rest in another transaction
+    instead of retrying a whole message that can never pass."""
+    async for gateway in gateway_with_accounts(tmp_path, tls_files, postmark_table, limits="max_recipients = 100\n"):
+        recipients = [f"r{n}@example.org" for n in range(51)]
+        result = await send(gateway, rich_message(), recipients=recipients)
+        assert (result.code, result.text) == (452, "4.5.3 Too many recipients")
+        assert gateway.api.requests == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_postmark_inactive_recipient_is_a_precise_rejection(postmark: Gateway) -> None:
     """Postmark's ErrorCode 406 reaches the client as 550 5.7.1 with Postmark's words."""
     postmark.api.respond(
