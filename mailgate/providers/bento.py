@@ -55,7 +55,13 @@ from mailgate.providers.base import (
     classify_http,
     json_request,
 )
-from mailgate.providers.mapping import bodies, check_limits, encoded_size, setting
+from mailgate.providers.mapping import (
+    bodies,
+    check_limits,
+    distinct_recipients,
+    encoded_size,
+    setting,
+)
 from mailgate.providers.providertype import (
     Probe,
     ProviderType,
@@ -110,9 +116,9 @@ def email_payload(email: OutboundEmail) -> dict[str, Any]:
 class BentoProvider:
     """Adapter for Bento's Emails API."""
 
-    max_recipients = MAX_RECIPIENTS  # Refused at RCPT beyond this (Dispatcher.recipient_limit).
-
     type = "bento"
+    # Also refused at RCPT beyond this (Dispatcher.recipient_limit), so the two never differ.
+    max_recipients = MAX_RECIPIENTS
 
     def __init__(self, name: str, settings: Mapping[str, Any]):
         self.name = name
@@ -121,8 +127,10 @@ class BentoProvider:
     def check(self, email: OutboundEmail, account: Account) -> Failed | None:
         if email.attachments:
             return Failed(self.name, NO_ATTACHMENTS.format(count=len(email.attachments)), 554, "5.6.0")
-        recipients = len({address.lower() for address in email.envelope_recipients})
-        return check_limits(self.name, "Bento", recipients, encoded_size(email), MAX_RECIPIENTS, MAX_SIZE)
+        recipients = distinct_recipients(email)
+        return check_limits(
+            self.name, "Bento", recipients, encoded_size(email), self.max_recipients, MAX_SIZE
+        )
 
     def build_requests(self, email: OutboundEmail, account: Account, message_id: str) -> list[HTTPRequest]:
         def get(key: str) -> str:

@@ -69,6 +69,7 @@ from mailgate.providers.mapping import (
     attachment_name,
     bodies,
     check_limits,
+    distinct_recipients,
     encoded_size,
     forwarded_headers,
     setting,
@@ -159,9 +160,9 @@ def form_fields(email: OutboundEmail, recipients: Recipients, batch: bool = Fals
 class MailgunProvider:
     """Adapter for Mailgun's messages API."""
 
-    max_recipients = MAX_RECIPIENTS  # Refused at RCPT beyond this (Dispatcher.recipient_limit).
-
     type = "mailgun"
+    # Also refused at RCPT beyond this (Dispatcher.recipient_limit), so the two never differ.
+    max_recipients = MAX_RECIPIENTS
 
     def __init__(
         self, name: str, settings: Mapping[str, Any], boundary: Callable[[], str] = random_boundary
@@ -175,9 +176,9 @@ class MailgunProvider:
             return Failed(
                 self.name, "Mailgun needs a From header or an envelope sender", 554, "5.6.0"
             )
-        recipients = len({address.lower() for address in email.envelope_recipients})
+        recipients = distinct_recipients(email)
         return check_limits(
-            self.name, "Mailgun", recipients, encoded_size(email), MAX_RECIPIENTS, MAX_SIZE
+            self.name, "Mailgun", recipients, encoded_size(email), self.max_recipients, MAX_SIZE
         )
 
     def build_requests(

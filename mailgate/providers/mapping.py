@@ -151,6 +151,11 @@ def encoded_size(email: OutboundEmail) -> int:
     return size + sum(base64_size(part.size) for part in email.attachments)
 
 
+def distinct_recipients(email: OutboundEmail) -> int:
+    """Envelope recipients counted once each, case-insensitively (what the APIs count)."""
+    return len({address.lower() for address in email.envelope_recipients})
+
+
 def check_limits(
     provider: str,
     label: str,

@@ -62,6 +62,7 @@ from mailgate.providers.mapping import (
     attachment_name,
     bodies,
     check_limits,
+    distinct_recipients,
     encoded_size,
     forwarded_headers,
     setting,
@@ -173,17 +174,19 @@ def email_payload(email: OutboundEmail, recipients: Recipients) -> dict[str, Any
 class PostmarkProvider:
     """Adapter for Postmark's Email API."""
 
-    max_recipients = MAX_RECIPIENTS  # Refused at RCPT beyond this (Dispatcher.recipient_limit).
-
     type = "postmark"
+    # Also refused at RCPT beyond this (Dispatcher.recipient_limit), so the two never differ.
+    max_recipients = MAX_RECIPIENTS
 
     def __init__(self, name: str, settings: Mapping[str, Any]):
         self.name = name
         self.settings = settings
 
     def check(self, email: OutboundEmail, account: Account) -> Failed | None:
-        recipients = len({address.lower() for address in email.envelope_recipients})
-        return check_limits(self.name, "Postmark", recipients, encoded_size(email), MAX_RECIPIENTS, MAX_SIZE)
+        recipients = distinct_recipients(email)
+        return check_limits(
+            self.name, "Postmark", recipients, encoded_size(email), self.max_recipients, MAX_SIZE
+        )
 
     def build_requests(self, email: OutboundEmail, account: Account, message_id: str) -> list[HTTPRequest]:
         token = setting(self.name, self.settings, account, "token") or ""
