@@ -167,6 +167,31 @@ def test_treq_transport_sends_and_reads() -> None:
     assert resource.seen == [(b"POST", b"Bearer tk", request.body)]
 
 
+def test_treq_transport_sends_provider_urls_in_uri_form() -> None:
+    """A provider URL with an internationalised host and a non-ASCII path reaches
+    the HTTP agent as its URI (IDNA host, percent-encoded path), on every request:
+    the transport converts it once and reuses it."""
+    from treq.client import HTTPClient
+    from twisted.web.iweb import IAgent
+
+    @implementer(IAgent)
+    class Recording:
+        def __init__(self) -> None:
+            self.uris: list[bytes] = []
+
+        def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Any:
+            self.uris.append(uri)
+            return defer.Deferred()
+
+    agent = Recording()
+    transport = TreqTransport(HTTPClient(agent), Clock(), 30)
+    provider = WebhookProvider("p", {"url": "https://bücher.example:8443/hooks/é mail?x=1"})
+    for queue_id in ("Q1", "Q2"):
+        [request] = provider.build_requests(EMAIL, Account(name="a"), queue_id)
+        transport.send(request)
+    assert agent.uris == [b"https://xn--bcher-kva.example:8443/hooks/%C3%A9%20mail?x=1"] * 2
+
+
 def test_treq_transport_times_out_on_the_clock() -> None:
     """An API that never answers fails with APITimeout exactly when the clock passes the timeout."""
     clock = Clock()
