@@ -113,15 +113,17 @@ class Dispatcher:
         queue_id: str,
         *,
         done: Mapping[str, str] | None = None,
-        on_delivered: Callable[[str, Delivered, int], Any] | None = None,
+        on_delivered: Callable[[str, Delivered, int, tuple[str, ...] | None], Any] | None = None,
     ) -> Any:
         """Walk the route; see the module docstring.
 
         The queue passes ``done`` (request key -> provider message id: requests an
         API already accepted, from its journal) to skip, and ``on_delivered(key,
-        delivered, remaining)``, called (and waited for, if it returns a Deferred)
-        after each accepted request with the number of requests still to send, so
-        that a partial delivery can be recorded before the next request goes out.
+        delivered, remaining, recipients)``, called (and waited for, if it returns
+        a Deferred) after each accepted request with the number of requests still
+        to send and the envelope recipients that request delivered to
+        (:func:`carried_recipients`), so that a partial delivery can be recorded
+        before the next request goes out.
         """
         route = account.route or self.default_route
         refusal: Failed | None = None
@@ -226,7 +228,7 @@ class Dispatcher:
         account: Account,
         queue_id: str,
         done: Mapping[str, str],
-        on_delivered: Callable[[str, Delivered, int], Any] | None,
+        on_delivered: Callable[[str, Delivered, int, tuple[str, ...] | None], Any] | None,
     ) -> Any:
         requests = provider.adapter.build_requests(email, account, queue_id)
         delivered: list[Delivered] = []
@@ -252,7 +254,8 @@ class Dispatcher:
                 return outcome
             delivered.append(outcome)
             if on_delivered is not None:
-                yield defer.maybeDeferred(on_delivered, key, outcome, len(requests) - index - 1)
+                recipients = carried_recipients(request, email, len(requests))
+                yield defer.maybeDeferred(on_delivered, key, outcome, len(requests) - index - 1, recipients)
         if len(delivered) == 1:
             return delivered[0]
         ids = ",".join(d.message_id for d in delivered)
@@ -305,6 +308,21 @@ def request_key(request: HTTPRequest) -> str:
         digest.update(part.encode("utf-8", "surrogatepass") + b"\0")
     digest.update(request.body)
     return digest.hexdigest()[:32]
+
+
+def carried_recipients(request: Any, email: OutboundEmail, count: int) -> tuple[str, ...] | None:
+    """The envelope recipients an accepted request delivered to, or None when that
+    is not known.
+
+    What the request names (``HTTPRequest.recipients``, an ``SMTPRequest``'s
+    envelope); a request that names none carries the whole envelope when it is
+    the message's only one.  One of several that names none is unknown: taking
+    it for the whole envelope would keep the others out of a DSN they are owed.
+    """
+    named = tuple(getattr(request, "recipients", ()) or ())
+    if named:
+        return named
+    return tuple(email.envelope_recipients) if count == 1 else None
 
 
 def _describe(outcome: Retry | Failed) -> str:

@@ -16,6 +16,9 @@ walks the account's route and fails over), then (ARCHITECTURE.md §5):
   (RFC 3464) to the envelope sender, itself queued and sent through the
   account's route with the null sender, so it is never bounced again; no DSN
   for a message whose sender was ``<>`` (RFC 3461 §6.2, RFC 5321 §4.5.5).
+  Both name only the recipients that no accepted request reached: a message
+  sent in several requests may have reached some before one failed (see
+  :func:`undelivered_recipients`).
 
 At most ``max_in_flight`` messages are being delivered at once.  A restart
 recovers the spool; the per-message journal keeps requests an API already
@@ -31,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import random as random_module
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +116,9 @@ class _Entry:
     # A state or journal file may exist (recovered, or an attempt failed).
     extra_files: bool = False
     in_ready: bool = False  # in QueueRunner._ready (which skips forgotten entries)
+    # Requests accepted by this process, journaled or not (a failed journal write
+    # does not make the API's acceptance untrue): who got the message, for a DSN.
+    accepted: dict[str, JournalRecord] = dataclasses.field(default_factory=dict)
     waiters: list[defer.Deferred[str]] = dataclasses.field(default_factory=list)
 
     @property
@@ -478,7 +484,9 @@ class QueueRunner(Service):
                 account,
                 queue_id,
                 done={key: record.message_id for key, record in journal.items()},
-                on_delivered=lambda key, delivered, remaining: self._journal(entry, key, delivered, remaining),
+                on_delivered=lambda key, delivered, remaining, recipients: self._journal(
+                    entry, key, delivered, remaining, recipients
+                ),
             )
         except FileNotFoundError:
             self.log.warn("queue: message {queue_id} vanished from the spool", queue_id=queue_id)
@@ -543,12 +551,15 @@ class QueueRunner(Service):
             with_controls
         )
 
-    def _journal(self, entry: _Entry, key: str, delivered: Delivered, remaining: int) -> Any:
+    def _journal(
+        self, entry: _Entry, key: str, delivered: Delivered, remaining: int, recipients: tuple[str, ...] | None
+    ) -> Any:
         if not remaining:
             return None  # The message is complete; the entry is about to go.
         queue_id = entry.queue_id
         entry.extra_files = True
-        record = JournalRecord(key, delivered.provider, delivered.message_id)
+        record = JournalRecord(key, delivered.provider, delivered.message_id, recipients)
+        entry.accepted[key] = record
 
         def failed(failure: Failure) -> None:
             # Not fatal: without the record a later attempt sends this request again.
@@ -628,8 +639,30 @@ class QueueRunner(Service):
         """Permanent failure or lifetime over: event, DSN to the sender, then remove.
 
         ``reason`` goes to the log and the event; ``diagnostic`` (the last reply)
-        and ``status`` to the DSN."""
+        and ``status`` to the DSN.  Both name only the recipients no accepted
+        request reached; when every recipient was reached (what failed carried
+        none of them) the message counts as delivered: no DSN, event ``delivered``."""
         envelope = entry.envelope
+        accepted = await self._accepted(entry)
+        undelivered = undelivered_recipients(envelope.recipients, accepted.values())
+        if not undelivered:
+            self.log.info(
+                "queue: message {queue_id}: {status} {reason}, but every recipient was reached by an "
+                "accepted request; no DSN",
+                queue_id=entry.queue_id,
+                status=status,
+                reason=sanitise_text(reason),
+            )
+            self._forget(entry, "delivered")
+            await self._remove(entry)
+            self._emit(
+                "delivered",
+                entry,
+                provider=provider,
+                provider_message_id=",".join(record.message_id for record in accepted.values()),
+                attempts=attempts,
+            )
+            return
         self.log.info(
             "queue: message {queue_id} failed permanently after {attempts} attempts: {status} {reason}",
             queue_id=entry.queue_id,
@@ -642,7 +675,7 @@ class QueueRunner(Service):
             try:
                 if raw is None:
                     _, raw = await self.run_in_thread(self.spool.load, entry.queue_id)
-                bounce = await self._write_dsn(envelope, status, diagnostic, raw)
+                bounce = await self._write_dsn(envelope, undelivered, status, diagnostic, raw)
             except (OSError, CorruptEntry) as e:
                 # Keep the message: the bounce is owed, and is tried again with it.
                 self.log.error(
@@ -660,19 +693,39 @@ class QueueRunner(Service):
                 self.log.failure("queue: no DSN could be built for {queue_id}", queue_id=entry.queue_id)
         self._forget(entry, "failed")
         await self._remove(entry)
-        self._emit("failed", entry, provider=provider, reason=reason, attempts=attempts)
+        self._emit("failed", entry, recipients=undelivered, provider=provider, reason=reason, attempts=attempts)
         if bounce is not None:
             self.enqueue(bounce)
 
-    async def _write_dsn(self, envelope: Envelope, status: str, diagnostic: str, raw: bytes) -> Envelope:
-        """Spool the DSN for ``envelope`` (before the message is removed: a crash in
-        between may bounce twice, never not at all); returns its envelope."""
+    async def _accepted(self, entry: _Entry) -> dict[str, JournalRecord]:
+        """Every request of ``entry`` an API accepted: its journal on disk (earlier
+        attempts, before a restart too) and what this process saw accepted.  An
+        unreadable journal proves nothing: the records seen here are all there is."""
+        records: dict[str, JournalRecord] = {}
+        if entry.extra_files:
+            try:
+                records = await self.run_in_thread(self.spool.read_journal, entry.queue_id)
+            except OSError as e:
+                self.log.error(
+                    "queue: cannot read the journal of {queue_id}: {error}; its DSN names every recipient "
+                    "not known to be delivered",
+                    queue_id=entry.queue_id,
+                    error=str(e),
+                )
+        return {**records, **entry.accepted}
+
+    async def _write_dsn(
+        self, envelope: Envelope, recipients: Sequence[str], status: str, diagnostic: str, raw: bytes
+    ) -> Envelope:
+        """Spool the DSN for ``envelope`` about ``recipients``, those it failed for
+        (before the message is removed: a crash in between may bounce twice, never
+        not at all); returns its envelope."""
         now = self.clock.seconds()
         dsn = build_dsn(
             reporting_mta=self.hostname,
             queue_id=envelope.queue_id,
             envelope_sender=envelope.sender,
-            recipients=[(recipient, status, diagnostic) for recipient in envelope.recipients],
+            recipients=[(recipient, status, diagnostic) for recipient in recipients],
             original_headers=headers_of(raw),
             arrival=envelope.arrival,
             now=now,
@@ -691,7 +744,8 @@ class QueueRunner(Service):
         )
         return bounce
 
-    def _emit(self, kind: str, entry: _Entry, **fields: Any) -> None:
+    def _emit(self, kind: str, entry: _Entry, recipients: Sequence[str] | None = None, **fields: Any) -> None:
+        """Send one event; ``recipients`` (default: the whole envelope) are those it concerns."""
         envelope = entry.envelope
         try:
             self.events.emit(
@@ -699,7 +753,7 @@ class QueueRunner(Service):
                 queue_id=envelope.queue_id,
                 account=envelope.account.name,
                 sender=envelope.sender,
-                recipients=envelope.recipients,
+                recipients=envelope.recipients if recipients is None else tuple(recipients),
                 **fields,
             )
         except Exception:  # noqa: BLE001 - events are best effort, delivery goes on
@@ -833,6 +887,19 @@ def describe_entry(envelope: Envelope, state: EntryState, status: str | None = N
     if status is None:
         status = DEFERRED if state.next_attempt is not None else QUEUED
     return _describe(envelope, state, status)
+
+
+def undelivered_recipients(recipients: Sequence[str], accepted: Iterable[JournalRecord]) -> tuple[str, ...]:
+    """The envelope ``recipients`` that no accepted request is known to have
+    reached, in envelope order: those a DSN is owed for (RFC 3464 §2.3: one
+    per-recipient block for each recipient the report is about).  Addresses
+    compare case-insensitively, as the adapters match them; a record whose
+    recipients are unknown (``None``) reaches nobody, so a journal line of an
+    earlier version never drops anyone from a DSN."""
+    reached = {
+        address.lower() for record in accepted if record.recipients is not None for address in record.recipients
+    }
+    return tuple(recipient for recipient in recipients if recipient.lower() not in reached)
 
 
 def _duration(seconds: float) -> str:

@@ -33,7 +33,15 @@ content itself, which is just as private.
 
 The journal is what makes retries safe for adapters that send one request per
 recipient: a request the API accepted is recorded (and fsynced) before the
-next one is sent, and a later attempt, after a restart too, skips it.
+next one is sent, and a later attempt, after a restart too, skips it.  A
+journal line is::
+
+    {"key": "...", "provider": "main", "id": "<API message id>", "recipients": ["bob@example.org"]}
+
+``recipients`` (the envelope recipients the request delivered to) is what
+lets a DSN after a partial delivery name only those who did not get the
+message; a line without it (written by an earlier version) is still read,
+and counts as delivering to nobody known (:class:`JournalRecord`).
 """
 
 from __future__ import annotations
@@ -215,11 +223,41 @@ class EntryState:
 
 @dataclass(frozen=True)
 class JournalRecord:
-    """One request the API accepted: its key (see dispatch.request_key), provider and id."""
+    """One request the API accepted: its key (see dispatch.request_key), provider and id,
+    and the envelope recipients it delivered to.
+
+    ``recipients`` None means unknown: a line written before journals named
+    them, or a request whose adapter did not say (dispatch.carried_recipients).
+    Such a record still keeps its request from being sent again, but proves
+    nobody's delivery, so a DSN still names everyone it could concern.
+    """
 
     key: str
     provider: str
     message_id: str
+    recipients: tuple[str, ...] | None = None
+
+    def to_json(self) -> str:
+        document: dict[str, Any] = {"key": self.key, "provider": self.provider, "id": self.message_id}
+        if self.recipients is not None:
+            document["recipients"] = list(self.recipients)
+        return json.dumps(document)
+
+    @classmethod
+    def from_json(cls, line: bytes) -> JournalRecord:
+        """Raises ValueError, KeyError or TypeError for a line that is not a record.
+        A malformed ``recipients`` is read as unknown: the request was accepted
+        all the same, and must not be sent again."""
+        document = json.loads(line)
+        recipients = document.get("recipients")
+        if not (isinstance(recipients, list) and all(isinstance(r, str) for r in recipients)):
+            recipients = None
+        return cls(
+            _text(document["key"]),
+            _text(document["provider"]),
+            _text(document["id"]),
+            None if recipients is None else tuple(recipients),
+        )
 
 
 @dataclass
@@ -478,16 +516,15 @@ class Spool:
         records: dict[str, JournalRecord] = {}
         for line in data.split(b"\n"):
             try:
-                document = json.loads(line)
-                record = JournalRecord(_text(document["key"]), _text(document["provider"]), _text(document["id"]))
-            except (ValueError, KeyError, TypeError):
+                record = JournalRecord.from_json(line)
+            except (ValueError, KeyError, TypeError, AttributeError):
                 continue
             records[record.key] = record
         return records
 
     def append_journal(self, queue_id: str, record: JournalRecord) -> None:
         """Record an accepted request durably before the next request is sent."""
-        line = json.dumps({"key": record.key, "provider": record.provider, "id": record.message_id})
+        line = record.to_json()
         path = self._journal_path(queue_id)
         new = not path.exists()
         # A leading newline ends a torn line a crash may have left behind.

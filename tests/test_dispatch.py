@@ -3,6 +3,7 @@ the treq transport against a stub API, the capture folder."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -559,7 +560,19 @@ def test_reply_with_many_provider_ids_fits_one_reply_line() -> None:
 
 
 class PerRecipient(WebhookProvider):
-    """An adapter that needs one request per recipient."""
+    """An adapter that needs one request per recipient, and says whom each carries."""
+
+    def build_requests(self, email: Any, account: Account, message_id: str) -> list[Any]:
+        requests = []
+        for recipient in email.envelope_recipients:
+            single = parse_message(email.raw, email.envelope_sender, (recipient,))
+            [request] = super().build_requests(single, account, message_id)
+            requests.append(dataclasses.replace(request, recipients=(recipient,)))
+        return requests
+
+
+class UndeclaredPerRecipient(WebhookProvider):
+    """One request per recipient, written before requests named their recipients."""
 
     def build_requests(self, email: Any, account: Account, message_id: str) -> list[Any]:
         requests = []
@@ -573,9 +586,10 @@ TWO = parse_message(RAW, "a@example.com", ("b@example.org", "c@example.org"))
 
 
 def test_accepted_requests_are_reported_and_skipped_later() -> None:
-    """on_delivered hears each accepted request with how many remain; requests in
-    ``done`` are not sent again and keep their recorded ids; a failure after an
-    accepted request does not fail over (part already went through this provider)."""
+    """on_delivered hears each accepted request with how many remain and whom it
+    reached; requests in ``done`` are not sent again and keep their recorded ids; a
+    failure after an accepted request does not fail over (part already went through
+    this provider)."""
     first = ScriptedTransport(ok("r1"), HTTPResponse(503, (), b""))
     second = ScriptedTransport(ok("x"))
     dispatcher = Dispatcher(
@@ -583,17 +597,39 @@ def test_accepted_requests_are_reported_and_skipped_later() -> None:
         ("p1", "p2"),
         Clock(),
     )
-    heard: list[tuple[str, Delivered, int]] = []
+    heard: list[tuple[str, Delivered, int, tuple[str, ...] | None]] = []
     outcome = dispatcher.deliver(TWO, Account(name="a"), "QID", on_delivered=lambda *a: heard.append(a)).result
     assert isinstance(outcome, Retry) and outcome.ambiguous and second.sent == []
-    [(key, delivered, remaining)] = heard
-    assert (delivered, remaining) == (Delivered("p1", "r1"), 1)
+    [(key, delivered, remaining, recipients)] = heard
+    assert (delivered, remaining, recipients) == (Delivered("p1", "r1"), 1, ("b@example.org",))
     assert key == request_key(first.sent[0])
     again = ScriptedTransport(ok("r2"))
     dispatcher.providers["p1"] = Route(PerRecipient("p1", {"url": "https://p1.example/v1"}), again)
     outcome = dispatcher.deliver(TWO, Account(name="a"), "QID", done={key: "r1"}).result
     assert outcome == Delivered("p1", "r1,r2")
     assert [json.loads(r.body)["envelope"]["rcpt_to"] for r in again.sent] == [["c@example.org"]]
+
+
+def test_an_accepted_request_reaches_whom_it_names_or_else_nobody_known() -> None:
+    """The recipients on_delivered hears: those the request names; the whole
+    envelope for a message's only request; unknown (None) for one of several
+    requests that names nobody, so the queue never takes anyone as delivered on
+    a guess (their DSN would be lost)."""
+
+    def heard(adapter: WebhookProvider, email: Any) -> list[tuple[str, ...] | None]:
+        recipients: list[tuple[str, ...] | None] = []
+        transport = ScriptedTransport(ok("r1"), ok("r2"))
+        dispatcher = Dispatcher({"p": Route(adapter, transport)}, ("p",), Clock())
+        outcome = dispatcher.deliver(
+            email, Account(name="a"), "QID", on_delivered=lambda *a: recipients.append(a[3])
+        ).result
+        assert isinstance(outcome, Delivered)
+        return recipients
+
+    url = {"url": "https://p.example/v1"}
+    assert heard(PerRecipient("p", url), TWO) == [("b@example.org",), ("c@example.org",)]
+    assert heard(UndeclaredPerRecipient("p", url), TWO) == [None, None]
+    assert heard(WebhookProvider("p", url), TWO) == [("b@example.org", "c@example.org")]
 
 
 def test_request_key_ignores_headers_but_not_the_body() -> None:

@@ -114,6 +114,20 @@ def test_human_readable_part_and_original_headers() -> None:
     assert b"body must not" not in dsn()
 
 
+def test_a_report_about_some_recipients_names_no_one_else() -> None:
+    """After a partial delivery the queue passes only the recipients nobody reached:
+    the report and its explanation name those alone, although the original header
+    (attached) still shows the others in To."""
+    raw = dsn(recipients=[("carol@example.net", "5.6.0", "554 5.6.0 Rejected by main: HTTP 400: invalid")])
+    human, report, headers = parts(parse(raw))
+    _, carol = report.get_payload()
+    assert carol["Final-Recipient"] == "rfc822; carol@example.net"
+    text = human.get_content()
+    assert "could not be delivered to the following recipients" in " ".join(text.split())
+    assert "<carol@example.net>:" in text and "bob@example.org" not in text
+    assert b"bob@example.org" in headers.get_payload(decode=True)
+
+
 def test_eight_bit_original_headers_are_declared() -> None:
     """Raw UTF-8 in the original header is kept and declared 8bit."""
     raw = dsn(original_headers="Subject: Grüße\r\nFrom: a@example.com\r\n\r\nbody".encode())

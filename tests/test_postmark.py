@@ -141,6 +141,7 @@ def test_header_recipients_outside_the_envelope_get_nothing() -> None:
     [request] = provider().build_requests(parse_message(raw, "a@example.com", ("B@example.org",)), ACCOUNT, "Q")
     payload = json.loads(request.body)
     assert (payload["To"], "Cc" in payload, "Bcc" in payload) == ("b@example.org", False, False)
+    assert request.recipients == ("B@example.org",)  # the envelope's spelling, matched case-insensitively
 
 
 ALL_BLIND = b"From: a@example.com\r\nTo: undisclosed-recipients:;\r\nSubject: s\r\n\r\nx\r\n"
@@ -169,6 +170,9 @@ def test_batch_calls_stay_within_postmark_batch_limits() -> None:
     requests = provider().build_requests(email, ACCOUNT, "Q")
     assert [len(json.loads(r.body)) for r in requests] == [2, 1]
     assert all(len(r.body) <= 50_000_000 for r in requests)
+    # Each call names the envelope recipients of its copies: a DSN after the first
+    # call was accepted and the second refused names z alone.
+    assert [r.recipients for r in requests] == [BLIND[:2], BLIND[2:]]
 
 
 def test_cc_moves_to_to_when_to_is_empty() -> None:
@@ -178,6 +182,7 @@ def test_cc_moves_to_to_when_to_is_empty() -> None:
     [request] = provider().build_requests(email, ACCOUNT, "Q")
     payload = json.loads(request.body)
     assert (payload["To"], payload["Bcc"], "Cc" in payload) == ("c@example.org", "hidden@example.org", False)
+    assert request.recipients == ("c@example.org", "hidden@example.org")  # Bcc included
 
 
 def test_account_token_overrides_server_token() -> None:

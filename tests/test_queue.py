@@ -5,6 +5,7 @@ journal, operator actions and shutdown."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import errno
 import json
 from pathlib import Path
@@ -23,9 +24,9 @@ from mailgate.message import parse_message
 from mailgate.outcome import Failed
 from mailgate.providers.base import HTTPRequest, HTTPResponse
 from mailgate.providers.webhook import WebhookProvider
-from mailgate.queue import GroupCommit, Queued, QueueDeliverer, QueueRunner
+from mailgate.queue import GroupCommit, Queued, QueueDeliverer, QueueRunner, undelivered_recipients
 from mailgate.retry import RetryPolicy
-from mailgate.spool import EntryState, Envelope, Spool
+from mailgate.spool import EntryState, Envelope, JournalRecord, Spool
 
 RAW = (
     b"Received: from client.example\r\nFrom: App <app@example.com>\r\nTo: b@example.org\r\n"
@@ -69,13 +70,15 @@ class ScriptedTransport:
 
 
 class PerRecipientProvider(WebhookProvider):
-    """An adapter that sends one request per envelope recipient (as some APIs need)."""
+    """An adapter that sends one request per envelope recipient (as some APIs need)
+    and names the recipient each request carries."""
 
     def build_requests(self, email: Any, account: Account, message_id: str) -> list[HTTPRequest]:
         requests = []
         for recipient in email.envelope_recipients:
             single = parse_message(email.raw, email.envelope_sender, (recipient,))
-            requests.extend(super().build_requests(single, account, message_id))
+            [request] = super().build_requests(single, account, message_id)
+            requests.append(dataclasses.replace(request, recipients=(recipient,)))
         return requests
 
 
@@ -380,6 +383,161 @@ def test_journal_keeps_delivered_recipients_from_being_sent_again(harness: Any) 
     assert p2.sent == []
     assert h.spool.ids() == []
     assert h.events.emitted[0][1]["provider_message_id"] == "r1,api-3"
+
+
+# -- DSNs after a partial delivery -------------------------------------------------
+
+THREE = ("b@example.org", "c@example.org", "d@example.org")
+SPLIT = Account(name="alice", route=("p1",))
+
+
+def bounces(transport: ScriptedTransport) -> list[dict[str, Any]]:
+    return [p for p in transport.payloads() if p["envelope"]["mail_from"] == ""]
+
+
+def final_recipients(bounce: dict[str, Any]) -> list[str]:
+    """The Final-Recipient fields of a DSN, in order (RFC 3464 §2.3.2)."""
+    return [
+        line.removeprefix("Final-Recipient: rfc822; ")
+        for line in delivery_status(bounce).splitlines()
+        if line.startswith("Final-Recipient:")
+    ]
+
+
+def test_dsn_after_a_partial_delivery_names_only_who_did_not_get_it(harness: Any) -> None:
+    """One request per recipient: b's is accepted, c's refused for good, d's never
+    sent.  The DSN and the failed event name c and d only; b is nowhere said to
+    have failed, in the report or in its human-readable part."""
+    p1 = ScriptedTransport(ok("r1"), status(400))
+    h = harness(PerRecipientProvider, p1=p1)
+    h.accept(recipients=THREE, account=SPLIT)
+    [bounce] = bounces(p1)
+    assert final_recipients(bounce) == ["c@example.org", "d@example.org"]
+    assert "b@example.org" not in bounce["text"] and "<c@example.org>:" in bounce["text"]
+    assert "1 of 3 requests were accepted before" in " ".join(bounce["text"].split())
+    [failed] = [fields for kind, fields in h.events.emitted if kind == "failed"]
+    assert failed["recipients"] == ("c@example.org", "d@example.org")
+    assert h.spool.ids() == []
+
+
+def test_dsn_after_a_restart_leaves_out_recipients_journaled_before(harness: Any) -> None:
+    """b's request is accepted, c's fails transiently; after a restart (the journal
+    read back from disk) c's is refused for good: the DSN names c alone, with
+    Status 5.6.0, and b's request is not sent again."""
+    p1 = ScriptedTransport(ok("r1"), status(503), status(400))
+    h = harness(PerRecipientProvider, p1=p1)
+    h.accept(recipients=THREE[:2], account=SPLIT)
+    h = h.restart()
+    h.clock.advance(60)
+    sent = [p["envelope"]["rcpt_to"] for p in p1.payloads() if p["envelope"]["mail_from"]]
+    assert sent == [["b@example.org"], ["c@example.org"], ["c@example.org"]]
+    [bounce] = bounces(p1)
+    assert final_recipients(bounce) == ["c@example.org"]
+    assert "Status: 5.6.0" in delivery_status(bounce)
+    assert [fields["recipients"] for kind, fields in h.events.emitted if kind == "failed"] == [("c@example.org",)]
+
+
+def test_expiry_after_a_partial_delivery_bounces_only_the_rest(harness: Any) -> None:
+    """b's request is accepted, c's keeps failing transiently until the queue
+    lifetime is over: the 4.4.7 DSN names c only."""
+    p1 = ScriptedTransport(ok("r1"), *([status(503)] * 200))
+    h = harness(PerRecipientProvider, p1=p1)
+    h.accept(recipients=THREE[:2], account=SPLIT)
+    for _ in range(5 * 24 + 1):
+        h.clock.advance(3600)
+    p1.answers = []
+    h.clock.advance(3600)
+    [bounce] = bounces(p1)[-1:]
+    assert final_recipients(bounce) == ["c@example.org"] and "Status: 4.4.7" in delivery_status(bounce)
+
+
+def test_unreadable_journal_still_knows_what_this_process_saw(
+    harness: Any, monkeypatch: pytest.MonkeyPatch, logged_errors: Any
+) -> None:
+    """A journal that cannot be read when the message fails is logged; requests
+    this process saw accepted still keep their recipients out of the DSN."""
+    p1 = ScriptedTransport(ok("r1"), status(400))
+    h = harness(PerRecipientProvider, p1=p1)
+
+    readable = h.spool.read_journal
+
+    def unreadable(queue_id: str) -> Any:
+        if queue_id == "AAAAAAAAAAAAAAAAAAAAAA":
+            raise OSError(errno.EIO, "injected")
+        return readable(queue_id)  # the DSN's own
+
+    monkeypatch.setattr(h.spool, "read_journal", unreadable)
+    h.accept(recipients=THREE, account=SPLIT)
+    [bounce] = bounces(p1)
+    assert final_recipients(bounce) == ["c@example.org", "d@example.org"]
+    [event] = logged_errors.take()
+    assert "cannot read the journal" in event["log_format"]
+
+
+def test_old_journal_lines_prove_no_delivery(harness: Any) -> None:
+    """A journal line written by an earlier version names nobody: its request is
+    still not sent again, but the DSN cannot leave anyone out on its account."""
+    p1 = ScriptedTransport(ok("r1"), status(503), status(400))
+    h = harness(PerRecipientProvider, p1=p1)
+    h.accept(recipients=THREE[:2], account=SPLIT)
+    journal = h.spool.messages / "AAAAAAAAAAAAAAAAAAAAAA.journal"
+    old = [json.loads(line) for line in journal.read_bytes().split(b"\n") if line]
+    assert [record["recipients"] for record in old] == [["b@example.org"]]
+    journal.write_bytes(b"".join(
+        json.dumps({k: v for k, v in record.items() if k != "recipients"}).encode() + b"\n" for record in old
+    ))
+    h = h.restart()
+    h.clock.advance(60)
+    assert [p["envelope"]["rcpt_to"] for p in p1.payloads()][:3] == [["b@example.org"], ["c@example.org"], ["c@example.org"]]
+    [bounce] = bounces(p1)
+    assert final_recipients(bounce) == ["b@example.org", "c@example.org"]
+
+
+def test_undelivered_recipients_compare_addresses_case_insensitively() -> None:
+    """Whom no accepted request reached, in envelope order: addresses match whatever
+    their case; a record with unknown recipients (an older journal line) reaches nobody."""
+    records = [
+        JournalRecord("k1", "p1", "r1", ("B@Example.ORG",)),
+        JournalRecord("k2", "p1", "r2", None),
+        JournalRecord("k3", "p1", "r3", ()),
+    ]
+    assert undelivered_recipients(("b@example.org", "c@example.org", "d@example.org"), records) == (
+        "c@example.org",
+        "d@example.org",
+    )
+    assert undelivered_recipients(("b@example.org",), records) == ()
+
+
+def test_single_request_failure_still_bounces_every_recipient(harness: Any) -> None:
+    """A message sent in one request that is refused: every envelope recipient is in
+    the DSN and the failed event, as before."""
+    p1 = ScriptedTransport(status(400))
+    h = harness(p1=p1)
+    h.accept(recipients=THREE)
+    [bounce] = bounces(p1)
+    assert final_recipients(bounce) == list(THREE)
+    [failed] = [fields for kind, fields in h.events.emitted if kind == "failed"]
+    assert failed["recipients"] == THREE
+
+
+def test_no_dsn_when_every_recipient_was_reached(harness: Any) -> None:
+    """A request that fails after every recipient's request was accepted (here an
+    extra one repeating b) leaves nobody to bounce for: no DSN, and the event says
+    delivered, with the ids of the accepted requests."""
+
+    class ThenARepeat(PerRecipientProvider):
+        def build_requests(self, email: Any, account: Account, message_id: str) -> list[HTTPRequest]:
+            requests = super().build_requests(email, account, message_id)
+            repeat = dataclasses.replace(requests[0], url=requests[0].url + "/again")
+            return [*requests, repeat]
+
+    p1 = ScriptedTransport(ok("r1"), ok("r2"), status(400))
+    h = harness(ThenARepeat, p1=p1)
+    h.accept(recipients=THREE[:2], account=SPLIT)
+    assert len(p1.sent) == 3 and bounces(p1) == []
+    assert h.events.kinds() == ["delivered"]
+    assert h.events.emitted[0][1]["provider_message_id"] == "r1,r2"
+    assert h.spool.ids() == []
 
 
 def test_operator_retry_delete_and_flush(harness: Any) -> None:

@@ -112,6 +112,15 @@ def test_all_blind_recipients_get_one_copy_each_with_its_own_idempotency_key() -
     assert [json.loads(r.body)["to"] for r in requests] == [["x@example.org"], ["y@example.net"]]
     assert [dict(r.headers)["Idempotency-Key"] for r in requests] == ["QID1-1", "QID1-2"]
     assert all("bcc" not in json.loads(r.body) for r in requests)
+    assert [r.recipients for r in requests] == [("x@example.org",), ("y@example.net",)]
+
+
+def test_one_copy_carries_every_envelope_recipient_blind_ones_too() -> None:
+    """A message with a To goes in one request, which names every envelope recipient
+    (Bcc included) as the envelope spells them, whatever case the header uses."""
+    message = b"From: a@example.com\r\nTo: Bob@Example.org\r\nSubject: s\r\n\r\nx\r\n"
+    [request] = build(message, ("bob@example.org", "hidden@example.net"))
+    assert request.recipients == ("bob@example.org", "hidden@example.net")
 
 
 def test_first_of_repeated_headers_and_kept_message_id() -> None:

@@ -154,6 +154,15 @@ def test_more_than_fifty_recipients_are_split() -> None:
     assert destinations[0]["ToAddresses"] == ["r0@example.org"] and "ToAddresses" not in destinations[1]
     assert sorted(a for d in destinations for v in d.values() for a in v) == sorted(recipients)
     assert len({raw_sent(r) for r in requests}) == 1
+    # Each signed request names its own 50: a DSN after a partial delivery names only the rest.
+    assert [r.recipients for r in requests] == [recipients[:50], recipients[50:100], recipients[100:]]
+
+
+def test_request_recipients_are_the_envelope_spelling() -> None:
+    """A To header in another case still maps its request to the envelope recipient."""
+    [request] = build(b"From: a@example.com\r\nTo: Bob@Example.ORG\r\nSubject: s\r\n\r\nx\r\n", ("bob@example.org", "c@example.org"))
+    assert json.loads(request.body)["Destination"]["ToAddresses"] == ["Bob@Example.ORG"]
+    assert request.recipients == ("bob@example.org", "c@example.org")
 
 
 def test_sender_fields() -> None:

@@ -192,6 +192,29 @@ def test_journal_records_accepted_requests_and_survives_a_torn_line(spool: Spool
     assert set(spool.read_journal(entry.queue_id)) == {"k1", "k3"}
 
 
+def test_journal_records_whom_each_request_reached_and_reads_older_lines(spool: Spool) -> None:
+    """A record keeps the envelope recipients its request delivered to.  A line
+    written before records had them, or with a garbled list, is still read (its
+    request is not sent again) with the recipients unknown (None), never empty:
+    an empty list would mean "reached nobody" only by accident of format."""
+    entry = envelope()
+    spool.write(entry, RAW)
+    spool.append_journal(entry.queue_id, JournalRecord("k1", "main", "id-1", ("Bob@Example.org", "c@example.org")))
+    with open(spool.messages / f"{entry.queue_id}.journal", "ab") as f:
+        f.write(b'\n{"key": "k2", "provider": "main", "id": "id-2"}\n')  # an earlier version's line
+        f.write(b'\n{"key": "k3", "provider": "main", "id": "id-3", "recipients": "c@example.org"}\n')
+        f.write(b'\n["not", "a", "record"]\n')
+    spool.append_journal(entry.queue_id, JournalRecord("k4", "main", "id-4", ()))
+    assert spool.read_journal(entry.queue_id) == {
+        "k1": JournalRecord("k1", "main", "id-1", ("Bob@Example.org", "c@example.org")),
+        "k2": JournalRecord("k2", "main", "id-2", None),
+        "k3": JournalRecord("k3", "main", "id-3", None),
+        "k4": JournalRecord("k4", "main", "id-4", ()),
+    }
+    lines = (spool.messages / f"{entry.queue_id}.journal").read_bytes().split(b"\n")
+    assert b'{"key": "k1", "provider": "main", "id": "id-1", "recipients": ["Bob@Example.org", "c@example.org"]}' in lines
+
+
 def test_remove_deletes_message_state_and_journal(spool: Spool) -> None:
     """A removed entry leaves no file behind."""
     entry = envelope()

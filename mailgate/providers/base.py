@@ -35,6 +35,13 @@ class HTTPRequest:
     # mailgate's queue id for the message: the id of the 250 reply when the API
     # answers without one of its own.
     queue_id: str = ""
+    # The envelope recipients this request delivers to, as the envelope spells
+    # them.  Empty means "the whole envelope", which is right for the only
+    # request of a message; an adapter that splits a message into several
+    # requests names each one's share, so that once some are accepted and a later
+    # one fails for good, the DSN (RFC 3464) names only those who did not get it.
+    # A share left unnamed there counts as unknown: nobody is taken as delivered.
+    recipients: tuple[str, ...] = ()
 
     def redacted_headers(self) -> list[tuple[str, str]]:
         return [

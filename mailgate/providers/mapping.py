@@ -12,6 +12,8 @@ envelope decides that, so the adapters build their fields through this module:
   that require a ``To`` get the ``Cc`` list there when ``To`` is left empty,
   and one copy per recipient (each addressed to that recipient alone) when
   every recipient is blind, so no blind recipient is ever shown to another.
+* :func:`envelope_share`: which envelope recipients one request delivers to,
+  for an adapter that splits a message into several requests.
 * :func:`forwarded_headers`: the message's own headers minus those that the
   API rebuilds or that would be false after it re-signs the message (DKIM,
   ARC, authentication results), plus ``Message-ID`` when the client asked to
@@ -29,7 +31,7 @@ envelope decides that, so the adapters build their fields through this module:
 from __future__ import annotations
 
 import mimetypes
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +72,25 @@ class Recipients:
     @property
     def count(self) -> int:
         return len(self.to) + len(self.cc) + len(self.bcc)
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Every address of this request: To, Cc and Bcc."""
+        return tuple(address.address for address in (*self.to, *self.cc, *self.bcc))
+
+
+def envelope_share(email: OutboundEmail, addresses: Iterable[str]) -> tuple[str, ...]:
+    """The envelope recipients a request sent to ``addresses`` delivers to, as the
+    envelope spells them (``HTTPRequest.recipients``).
+
+    Matched case-insensitively, like :func:`split_recipients`, which keeps a
+    header address only when it is an envelope recipient: ``To: Bob@Example.org``
+    delivers to ``RCPT TO:<bob@example.org>``.  Blind recipients are envelope
+    recipients (ARCHITECTURE.md §1), so they are in the share of the request
+    that carries them as ``Bcc``.
+    """
+    wanted = {address.lower() for address in addresses}
+    return tuple(recipient for recipient in email.envelope_recipients if recipient.lower() in wanted)
 
 
 def split_recipients(email: OutboundEmail, require_to: bool = True) -> list[Recipients]:

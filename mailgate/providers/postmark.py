@@ -64,6 +64,7 @@ from mailgate.providers.mapping import (
     check_limits,
     distinct_recipients,
     encoded_size,
+    envelope_share,
     forwarded_headers,
     setting,
     split_recipients,
@@ -194,20 +195,24 @@ class PostmarkProvider:
         headers = [("User-Agent", USER_AGENT), ("X-Postmark-Server-Token", token)]
         groups = split_recipients(email)
         if len(groups) == 1:
-            return [json_request(self.name, "POST", url, email_payload(email, groups[0]), headers, message_id)]
+            request = json_request(self.name, "POST", url, email_payload(email, groups[0]), headers, message_id)
+            return [replace(request, recipients=envelope_share(email, groups[0].addresses))]
         # Copies per call: 500 at most, and no more than fit in 50 MB.
         per_call = max(1, min(BATCH_MAX_MESSAGES, BATCH_MAX_SIZE // max(1, encoded_size(email) + 4096)))
-        return [
-            json_request(
+        requests = []
+        for start in range(0, len(groups), per_call):
+            batch = groups[start : start + per_call]
+            request = json_request(
                 self.name,
                 "POST",
                 url + "/batch",
-                [email_payload(email, recipients) for recipients in groups[start : start + per_call]],
+                [email_payload(email, recipients) for recipients in batch],
                 headers,
                 message_id,
             )
-            for start in range(0, len(groups), per_call)
-        ]
+            share = envelope_share(email, (address for recipients in batch for address in recipients.addresses))
+            requests.append(replace(request, recipients=share))
+        return requests
 
     def classify(self, request: HTTPRequest, response: HTTPResponse) -> Outcome:
         if request.url.endswith("/email/batch"):

@@ -38,6 +38,7 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from email.charset import QP, Charset
 from typing import Any
 
@@ -63,6 +64,7 @@ from mailgate.providers.mapping import (
     bodies,
     check_limits,
     encoded_size,
+    envelope_share,
     forwarded_headers,
     setting,
     split_recipients,
@@ -218,11 +220,10 @@ class ResendProvider:
                 ("Authorization", f"Bearer {api_key}"),
                 ("Idempotency-Key", key),
             ]
-            requests.append(
-                json_request(
-                    self.name, "POST", url, email_payload(email, recipients), headers, message_id
-                )
+            request = json_request(
+                self.name, "POST", url, email_payload(email, recipients), headers, message_id
             )
+            requests.append(replace(request, recipients=envelope_share(email, recipients.addresses)))
         return requests
 
     def classify(self, request: HTTPRequest, response: HTTPResponse) -> Outcome:

@@ -42,6 +42,7 @@ import functools
 import re
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -62,7 +63,7 @@ from mailgate.providers.base import (
     parse_retry_after,
     safe_message_id,
 )
-from mailgate.providers.mapping import check_limits, setting, split_recipients
+from mailgate.providers.mapping import check_limits, envelope_share, setting, split_recipients
 from mailgate.providers.providertype import (
     Accepted,
     Probe,
@@ -253,7 +254,8 @@ class SESProvider:
         for destination in destinations(email):
             document = self.payload(email, account, destination)
             request = json_request(self.name, "POST", url, document, [], message_id)
-            requests.append(self.sign(request, account))
+            share = envelope_share(email, (address for addresses in destination.values() for address in addresses))
+            requests.append(self.sign(replace(request, recipients=share), account))
         return requests
 
     def sign(self, request: HTTPRequest, account: Account) -> HTTPRequest:
@@ -286,6 +288,7 @@ class SESProvider:
             request.body,
             request.provider,
             request.queue_id,
+            request.recipients,
         )
 
     def classify(self, request: HTTPRequest, response: HTTPResponse) -> Outcome:
