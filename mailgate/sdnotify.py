@@ -9,6 +9,13 @@ lives in the Linux abstract namespace.  Without ``$NOTIFY_SOCKET`` (not started 
 every call is a no-op, and a socket that went away is logged, never raised: a
 notification is a courtesy to the service manager, not a reason to stop
 serving mail.
+
+With ``WatchdogSec=`` in the unit, systemd sets ``$WATCHDOG_USEC`` and expects
+``WATCHDOG=1`` at least that often (sd_watchdog_enabled(3), systemd.service(5));
+:class:`SystemdNotifier` sends it every half of that interval from the reactor,
+so a reactor stuck on something (a blocking call, a busy loop) stops the
+keep-alives, and systemd kills the process (SIGABRT) and restarts it
+(``Restart=on-failure``).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import Any
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceCollection, Service
 from twisted.internet import defer
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from mailgate.listeners import describe_address
@@ -49,15 +57,44 @@ def notify_address(environ: Mapping[str, str]) -> str | None:
     return None
 
 
-class Notifier:
-    """Sends notifications to one systemd notification socket (or nowhere)."""
+def watchdog_interval(environ: Mapping[str, str], pid: int) -> float | None:
+    """Seconds within which systemd expects ``WATCHDOG=1`` from this process; None when it does not.
 
-    def __init__(self, address: str | None):
+    As sd_watchdog_enabled(3): ``$WATCHDOG_USEC`` is the interval in
+    microseconds, and when ``$WATCHDOG_PID`` is set, only that process is
+    watched (a child that inherited the environment is not).
+    """
+    value = environ.get("WATCHDOG_USEC", "")
+    if not value:
+        return None
+    owner = environ.get("WATCHDOG_PID", "")
+    if owner and owner != str(pid):
+        return None
+    try:
+        usec = int(value)
+    except ValueError:
+        usec = 0
+    if usec <= 0:
+        log.warn("WATCHDOG_USEC={value!r} is not a positive number: systemd watchdog disabled", value=value)
+        return None
+    return usec / 1_000_000
+
+
+class Notifier:
+    """Sends notifications to one systemd notification socket (or nowhere).
+
+    ``watchdog``: the watchdog interval in seconds (:func:`watchdog_interval`),
+    or None when systemd watches nothing.
+    """
+
+    def __init__(self, address: str | None, watchdog: float | None = None):
         self.address = address
+        self.watchdog = watchdog if address is not None else None
 
     @classmethod
-    def from_environment(cls, environ: Mapping[str, str] | None = None) -> Notifier:
-        return cls(notify_address(os.environ if environ is None else environ))
+    def from_environment(cls, environ: Mapping[str, str] | None = None, pid: int | None = None) -> Notifier:
+        environ = os.environ if environ is None else environ
+        return cls(notify_address(environ), watchdog_interval(environ, os.getpid() if pid is None else pid))
 
     @property
     def enabled(self) -> bool:
@@ -97,7 +134,8 @@ def endpoint_services(service: Any) -> Iterator[StreamServerEndpointService]:
 
 
 class SystemdNotifier(Service):
-    """Says ``READY=1`` once every listener of its parent is bound, ``STOPPING=1`` on stop.
+    """Says ``READY=1`` once every listener of its parent is bound, ``STOPPING=1`` on stop,
+    and ``WATCHDOG=1`` every half watchdog interval in between (when systemd asks for it).
 
     Add it to the top-level service, anywhere: it looks for the listeners one
     reactor turn after start-up, when every sibling has started (twistd binds
@@ -111,12 +149,21 @@ class SystemdNotifier(Service):
         self.clock = clock
         self.ready: defer.Deferred[None] | None = None
         self._pending: Any = None
+        self._keepalive: LoopingCall | None = None
 
     def startService(self) -> None:
         super().startService()
         if self.notifier.enabled:
             self.ready = defer.Deferred()
             self._pending = self.clock.callLater(0, self._watch_listeners)
+        if self.notifier.watchdog is not None:
+            # Half the interval, as sd_watchdog_enabled(3) recommends: one late
+            # turn of the reactor does not yet count as hung.
+            self._keepalive = LoopingCall(self.notifier.send, "WATCHDOG=1")
+            self._keepalive.clock = self.clock
+            self._keepalive.start(self.notifier.watchdog / 2, now=True).addErrback(
+                lambda failure: log.failure("systemd watchdog keep-alives stopped", failure)
+            )
 
     def _watch_listeners(self) -> None:
         self._pending = None
@@ -145,6 +192,11 @@ class SystemdNotifier(Service):
         if self._pending is not None and self._pending.active():
             self._pending.cancel()
         self._pending = None
+        if self._keepalive is not None and self._keepalive.running:
+            # systemd stops watching once it hears STOPPING=1 (or sends SIGTERM);
+            # TimeoutStopSec= bounds the stop instead.
+            self._keepalive.stop()
+        self._keepalive = None
         if self.running:
             self.notifier.send("STOPPING=1", "STATUS=Shutting down")
         return super().stopService()

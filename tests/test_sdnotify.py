@@ -18,7 +18,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 
-from mailgate.sdnotify import Notifier, SystemdNotifier, notify_address
+from mailgate.sdnotify import Notifier, SystemdNotifier, notify_address, watchdog_interval
 
 
 class Receiver:
@@ -127,8 +127,8 @@ def test_vanished_socket_is_a_warning_not_a_crash(warnings: list[str]) -> None:
 
 
 class RecordingNotifier(Notifier):
-    def __init__(self) -> None:
-        super().__init__("\0unused")
+    def __init__(self, watchdog: float | None = None) -> None:
+        super().__init__("\0unused", watchdog)
         self.sent: list[tuple[str, ...]] = []
 
     def send(self, *assignments: str) -> bool:
@@ -218,3 +218,75 @@ def test_without_systemd_the_service_does_nothing() -> None:
     top = gateway_with(Notifier(None), clock, ControlledEndpoint())
     top.startService()
     assert clock.getDelayedCalls() == []
+
+
+# -- the watchdog (WatchdogSec=) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("environ", "interval"),
+    [
+        ({}, None),
+        ({"WATCHDOG_USEC": "60000000"}, 60.0),
+        ({"WATCHDOG_USEC": "60000000", "WATCHDOG_PID": "4242"}, 60.0),
+        ({"WATCHDOG_USEC": "60000000", "WATCHDOG_PID": "1"}, None),  # Another process is watched.
+    ],
+)
+def test_watchdog_interval(environ: dict[str, str], interval: float | None) -> None:
+    """$WATCHDOG_USEC in microseconds, for us only when $WATCHDOG_PID is unset or ours."""
+    assert watchdog_interval(environ, pid=4242) == interval
+
+
+def test_malformed_watchdog_interval_is_reported_and_ignored() -> None:
+    warnings: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_level") == LogLevel.warn:
+            warnings.append(event["log_format"].format(**event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        assert watchdog_interval({"WATCHDOG_USEC": "soon"}, pid=1) is None
+        assert watchdog_interval({"WATCHDOG_USEC": "0"}, pid=1) is None
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert warnings == [
+        "WATCHDOG_USEC='soon' is not a positive number: systemd watchdog disabled",
+        "WATCHDOG_USEC='0' is not a positive number: systemd watchdog disabled",
+    ]
+
+
+def test_from_environment_reads_the_watchdog_only_with_a_socket() -> None:
+    """Without $NOTIFY_SOCKET there is nobody to send keep-alives to."""
+    watched = {"NOTIFY_SOCKET": "@mailgate-test", "WATCHDOG_USEC": "2000000"}
+    assert Notifier.from_environment(watched, pid=7).watchdog == 2.0
+    assert Notifier.from_environment({"WATCHDOG_USEC": "2000000"}, pid=7).watchdog is None
+    assert Notifier.from_environment({**watched, "WATCHDOG_PID": str(os.getpid())}).watchdog == 2.0
+
+
+def test_watchdog_keepalives_every_half_interval_until_stop() -> None:
+    """WATCHDOG=1 at start and every half interval from the reactor's clock (a hung
+    reactor sends none, and systemd restarts the service); none after STOPPING=1."""
+    clock, notifier = Clock(), RecordingNotifier(watchdog=60.0)
+    top = gateway_with(notifier, clock, ControlledEndpoint())
+    top.startService()
+    assert notifier.sent == [("WATCHDOG=1",)]
+    clock.advance(29.9)
+    assert len(notifier.sent) == 1
+    clock.advance(0.1)
+    clock.advance(30)
+    assert notifier.sent == [("WATCHDOG=1",)] * 3
+    top.stopService()
+    assert notifier.sent[-1] == ("STOPPING=1", "STATUS=Shutting down")
+    assert clock.getDelayedCalls() == []
+    clock.advance(300)
+    assert notifier.sent.count(("WATCHDOG=1",)) == 3
+
+
+def test_no_keepalives_without_a_watchdog() -> None:
+    """No WatchdogSec= (no $WATCHDOG_USEC): nothing but READY=1 and STOPPING=1."""
+    first = ControlledEndpoint()
+    top, notifier = running_gateway(first)
+    first.listening.callback(FakePort(IPv4Address("TCP", "127.0.0.1", 2525)))
+    top.stopService()
+    assert [sent[0] for sent in notifier.sent] == ["READY=1", "STOPPING=1"]

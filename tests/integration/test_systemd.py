@@ -15,6 +15,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,9 +109,14 @@ def gateway_config(tmp_path: Path, tls_files: tuple[Path, Path, Path], listeners
     return config
 
 
-def start_twistd(command: list[str], tmp_path: Path, notify: str, **kwargs: object) -> subprocess.Popen[str]:
+def start_twistd(
+    command: list[str], tmp_path: Path, notify: str, extra_env: dict[str, str] | None = None, **kwargs: object
+) -> subprocess.Popen[str]:
     env = run_env()
+    env.pop("WATCHDOG_USEC", None)  # Only where a test asks for the watchdog.
+    env.pop("WATCHDOG_PID", None)
     env["NOTIFY_SOCKET"] = notify
+    env.update(extra_env or {})
     env["MAILGATE_TEST_API_TOKEN"] = TEST_API_TOKEN
     with open(tmp_path / "twistd.log", "w") as log:  # The child keeps its own descriptor.
         return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, **kwargs)  # type: ignore[call-overload]
@@ -153,6 +159,37 @@ def test_ready_once_listening_and_stopping_on_sigterm(
     finally:
         stop(process)
     assert "Traceback" not in (tmp_path / "twistd.log").read_text()
+
+
+@pytest.mark.parametrize("notify_socket", ["abstract"], indirect=True)
+def test_watchdog_keepalives_until_stopping(
+    tmp_path: Path, tls_files: tuple[Path, Path, Path], notify_socket: tuple[socket.socket, str]
+) -> None:
+    """With $WATCHDOG_USEC (WatchdogSec=1s), a real twistd sends WATCHDOG=1 about every
+    half second, and none after STOPPING=1."""
+    receiver, notify = notify_socket
+    config = gateway_config(tmp_path, tls_files)
+    command = [*TWISTD, "-n", "--pidfile=", "mailgate", "--config", str(config)]
+    process = start_twistd(command, tmp_path, notify, {"WATCHDOG_USEC": "1000000"})
+    try:
+        received: list[str] = []
+        keepalives: list[float] = []
+        while len(keepalives) < 4 or not any(m.startswith("READY=1") for m in received):
+            received.append(receiver.recv(4096).decode("utf-8"))
+            if received[-1] == "WATCHDOG=1":
+                keepalives.append(time.monotonic())
+        assert 1.4 <= keepalives[3] - keepalives[0] < 10  # Periodic, not a burst.
+        process.send_signal(signal.SIGTERM)
+        while received[-1] != "STOPPING=1\nSTATUS=Shutting down":
+            received.append(receiver.recv(4096).decode("utf-8"))
+        assert process.wait(timeout=30) == -signal.SIGTERM
+        receiver.settimeout(1.5)  # Three would-be keep-alive periods.
+        with pytest.raises(TimeoutError):
+            received.append(receiver.recv(4096).decode("utf-8"))
+    finally:
+        stop(process)
+    others = [m for m in received if m != "WATCHDOG=1"]
+    assert len(others) == 2 and others[0].startswith("READY=1\n") and others[1].startswith("STOPPING=1")
 
 
 # -- socket activation ----------------------------------------------------------------------
