@@ -6,7 +6,9 @@ example) serves a small ``twisted.web`` resource tree:
 * ``/healthz``: ``200 ok`` while the process serves requests at all (liveness);
 * ``/readyz``: ``200 ready`` when every readiness check passes, else ``503``
   naming the failing ones (``not ready: listeners, state_dir``); a load
-  balancer or orchestrator sends mail here only when it is 200;
+  balancer or orchestrator sends mail here only when it is 200.  A check
+  returns a bool or a Deferred of one: one that touches the disk runs in a
+  thread, so a probe never stalls the SMTP sessions on a slow disk;
 * ``/metrics``: the service's Prometheus registry (:mod:`mailgate.metrics`), as
   text format or OpenMetrics, whichever the scraper's ``Accept`` asks for.
 
@@ -25,15 +27,16 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 
 __all__ = ["AdminRoot", "AdminSite", "admin_site", "directory_writable", "failing_checks"]
 
 log = Logger()
 
-Check = Callable[[], bool]
+Check = Callable[[], "bool | defer.Deferred[bool]"]
 
 
 def directory_writable(path: Path) -> bool:
@@ -49,18 +52,21 @@ def directory_writable(path: Path) -> bool:
         return False
 
 
-def failing_checks(checks: Mapping[str, Check]) -> list[str]:
-    """The names of the checks that do not pass; a check that raises fails (and is logged)."""
-    failing = []
-    for name, check in checks.items():
-        try:
-            passed = bool(check())
-        except Exception:  # noqa: BLE001 - a broken check means "not ready", and is worth a traceback
-            log.failure("readiness check {check} raised", check=name)
-            passed = False
-        if not passed:
-            failing.append(name)
-    return failing
+def failing_checks(checks: Mapping[str, Check]) -> defer.Deferred[list[str]]:
+    """Fires with the names of the checks that do not pass, in order; the checks
+    run concurrently, and one that raises (or fails) fails, and is logged."""
+
+    def run(name: str, check: Check) -> defer.Deferred[bool]:
+        def broken(failure: Any) -> bool:
+            # A broken check means "not ready", and is worth a traceback.
+            log.failure("readiness check {check} raised", failure, check=name)
+            return False
+
+        return defer.maybeDeferred(check).addCallbacks(bool, broken)
+
+    names = list(checks)
+    results = defer.gatherResults([run(name, check) for name, check in checks.items()])
+    return results.addCallback(lambda passed: [name for name, ok in zip(names, passed, strict=True) if not ok])
 
 
 def _plain(request: Any, status: int, text: str) -> bytes:
@@ -109,8 +115,25 @@ class _Ready(_Page):
         super().__init__()
         self.checks = checks
 
-    def render_GET(self, request: Any) -> bytes:
-        failing = failing_checks(self.checks)
+    def render_GET(self, request: Any) -> Any:
+        answer = failing_checks(self.checks).addCallback(self._answer, request)
+        if answer.called:  # Every check answered at once.
+            return answer.result
+        finished = request.notifyFinish()  # Fires (with an error) if the client goes away first.
+        gone: list[bool] = []
+        finished.addErrback(lambda _: gone.append(True))
+
+        def write(body: bytes) -> None:
+            if not gone:
+                request.setHeader(b"Content-Length", b"%d" % len(body))
+                request.write(body)
+                request.finish()
+
+        answer.addCallback(write)
+        return NOT_DONE_YET
+
+    @staticmethod
+    def _answer(failing: list[str], request: Any) -> bytes:
         if failing:
             return _plain(request, 503, f"not ready: {', '.join(failing)}\n")
         return _plain(request, 200, "ready\n")

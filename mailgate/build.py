@@ -397,9 +397,17 @@ def build_service(
     ControlService(runner, spool.control_path, reactor).setServiceParent(top)
     events.setServiceParent(top)
     # /readyz.
+    def state_dir_ready() -> Any:
+        # Opening the spool (lock, recovery) and the write probe touch the disk:
+        # both run in the thread pool, never on the reactor thread at every probe.
+        def writable(opened: bool) -> Any:
+            return opened and runner.run_in_thread(directory_writable, spool.tmp)
+
+        return runner.open_spool().addCallback(writable)
+
     readiness = {
         "listeners": lambda: all_listening(listeners),
-        "state_dir": lambda: runner.open_spool() and directory_writable(spool.tmp),
+        "state_dir": state_dir_ready,
         "routes": lambda: any(dispatcher.usable(name) for name in dispatcher.default_route),
     }
     if config.admin.endpoint is not None:

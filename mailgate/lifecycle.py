@@ -12,9 +12,15 @@ into memory later.  Stop (SIGTERM: twistd stops the application service):
 2. the listening ports close;
 3. once every session has ended, or ``shutdown_grace`` has passed (then the
    rest are cut off; their clients never heard 250 and will retry), the queue
-   stops: it starts no new attempt and waits, within the same grace, for those
-   in progress; any still running stay in the spool for the next start;
+   stops: it starts no new attempt and waits, for what is left of the same
+   grace, for those in progress; any still running stay in the spool for the
+   next start;
 4. everything else stops (HTTP connection pool, control socket).
+
+The grace is one deadline, taken when the stop begins, for stages 1 to 3
+together: sessions that take most of it leave the queue only the rest, so that
+a stop fits in systemd's ``TimeoutStopSec=`` (etc/mailgate.service) instead of
+taking up to twice the grace.
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ class GatewayService(MultiService):
     """A MultiService that starts ``early`` children first and stops in the stages above.
 
     ``factories``: the SMTP session factories (with ``shutdown()``);
-    ``listeners``: the services owning the listening ports.
+    ``listeners``: the services owning the listening ports.  An ``early``
+    service with ``stop_within(seconds)`` (the queue) is stopped with it and
+    what is left of the grace; the others with ``stopService()``.
     """
 
     log = Logger()
@@ -53,13 +61,18 @@ class GatewayService(MultiService):
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         Service.stopService(self)
+        deadline = self.clock.seconds() + self.shutdown_grace
         self.log.info("stopping: no new connections or messages; finishing messages in progress")
         yield _all(service.stopService() for service in self.stop_first)
         drained = [factory.shutdown() for factory in self.factories]
         yield _all(service.stopService() for service in self.listeners)
-        yield self._within_grace(defer.DeferredList(drained, consumeErrors=True), self._cut_off_sessions)
+        yield self._until(deadline, defer.DeferredList(drained, consumeErrors=True), self._cut_off_sessions)
         for service in self.early:
-            yield service.stopService()
+            stop_within = getattr(service, "stop_within", None)
+            if stop_within is not None:  # The queue: only what is left of the grace.
+                yield stop_within(max(0.0, deadline - self.clock.seconds()))
+            else:
+                yield service.stopService()
         done = {*self.early, *self.listeners, *self.stop_first}
         late = [s for s in reversed(list(self)) if s not in done]
         yield _all(service.stopService() for service in late)
@@ -70,7 +83,8 @@ class GatewayService(MultiService):
         for session in sessions:
             session.transport.abortConnection()
 
-    def _within_grace(self, waiting: defer.Deferred[Any], on_timeout: Any) -> defer.Deferred[Any]:
+    def _until(self, deadline: float, waiting: defer.Deferred[Any], on_timeout: Any) -> defer.Deferred[Any]:
+        """Fires when ``waiting`` does, or at ``deadline`` after calling ``on_timeout``."""
         done: defer.Deferred[None] = defer.Deferred()
 
         def expire() -> None:
@@ -78,7 +92,7 @@ class GatewayService(MultiService):
                 on_timeout()
                 done.callback(None)
 
-        timer = self.clock.callLater(self.shutdown_grace, expire)
+        timer = self.clock.callLater(max(0.0, deadline - self.clock.seconds()), expire)
 
         def finished(_: Any) -> None:
             if timer.active():

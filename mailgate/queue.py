@@ -174,6 +174,7 @@ class QueueRunner(Service):
         self._reopen_timer: Any = None
         self._closed_logged = False
         self._on_open: list[Callable[[], None]] = []
+        self._open_waiters: list[defer.Deferred[bool]] = []
         self._removals: list[str] = []
         self._removing = False
 
@@ -191,28 +192,37 @@ class QueueRunner(Service):
         self._open_spool()
 
     def _open_spool(self) -> bool:
-        if self._accepting:
-            return True
-        if self._reopen_timer is not None and self._reopen_timer.active():
-            self._reopen_timer.cancel()
-        self._reopen_timer = None
-        if not self.running:
-            return False
+        """Open the spool on this thread: at start-up, so that recovery is done
+        before any listener accepts a message (mailgate.lifecycle)."""
+        if self._accepting or not self.running:
+            return self._accepting
+        self._cancel_reopen()
         try:
-            if not self.spool.locked:
-                self.spool.lock()
-            found = self.spool.recover()
+            found = self._lock_and_recover()
         except (OSError, SpoolLocked) as e:
-            if not self._closed_logged:
-                self._closed_logged = True
-                self.log.warn(
-                    "queue closed: cannot open the spool {directory} ({error}); retrying every {interval:g} s",
-                    directory=str(self.spool.directory),
-                    error=str(e),
-                    interval=REOPEN_INTERVAL,
-                )
-            self._reopen_timer = self.clock.callLater(REOPEN_INTERVAL, self._open_spool)
+            self._open_failed(e)
             return False
+        self._opened(found)
+        return True
+
+    def _lock_and_recover(self) -> Any:
+        """The blocking part of opening the spool (any thread)."""
+        if not self.spool.locked:
+            self.spool.lock()
+        return self.spool.recover()
+
+    def _open_failed(self, e: Exception) -> None:
+        if not self._closed_logged:
+            self._closed_logged = True
+            self.log.warn(
+                "queue closed: cannot open the spool {directory} ({error}); retrying every {interval:g} s",
+                directory=str(self.spool.directory),
+                error=str(e),
+                interval=REOPEN_INTERVAL,
+            )
+        self._reopen_timer = self.clock.callLater(REOPEN_INTERVAL, self.open_spool)
+
+    def _opened(self, found: Any) -> None:
         now = self.clock.seconds()
         for envelope, state in found.entries:
             entry = _Entry(envelope, state, extra_files=True)
@@ -229,7 +239,11 @@ class QueueRunner(Service):
         for callback in callbacks:
             callback()
         self._pump()
-        return True
+
+    def _cancel_reopen(self) -> None:
+        if self._reopen_timer is not None and self._reopen_timer.active():
+            self._reopen_timer.cancel()
+        self._reopen_timer = None
 
     def when_open(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once the spool is open (now, if it is)."""
@@ -243,21 +257,61 @@ class QueueRunner(Service):
         """The spool is open: queue mode can accept messages."""
         return self._accepting
 
-    def open_spool(self) -> bool:
-        """Open the spool now if it is closed and can be (the /readyz probe calls
-        this, so a state directory created by the operator is used at once).
-        Before start-up: whether the spool could be locked."""
+    def open_spool(self) -> defer.Deferred[bool]:
+        """Open the spool now if it is closed and can be; fires with whether it is open.
+
+        The /readyz probe calls this, so that a state directory created by the
+        operator is used at once, and so does the retry every ``REOPEN_INTERVAL``
+        seconds.  Locking and recovery run in ``run_in_thread``: on a slow or
+        hung disk they would otherwise stall every session; callers arriving
+        meanwhile share that one attempt.  Before start-up: whether the spool
+        could be locked.
+        """
         if not self.running:
-            return self.spool.locked
-        return self._open_spool()
+            return defer.succeed(self.spool.locked)
+        if self._accepting:
+            return defer.succeed(True)
+        waiter: defer.Deferred[bool] = defer.Deferred()
+        self._open_waiters.append(waiter)
+        if len(self._open_waiters) == 1:
+            self._cancel_reopen()
+            self.run_in_thread(self._lock_and_recover).addBoth(self._recovered_in_thread)
+        return waiter
+
+    def _recovered_in_thread(self, result: Any) -> None:
+        if not self.running:
+            # Stopped meanwhile: the next start recovers again.
+            self.spool.unlock()
+            opened = False
+        elif self._accepting:
+            opened = True  # Opened by a restart meanwhile, which recovered the same entries.
+        elif isinstance(result, Failure):
+            if not result.check(OSError, SpoolLocked):
+                self.log.failure("queue: opening the spool failed", result)
+            self._open_failed(result.value)
+            opened = False
+        else:
+            self._opened(result)
+            opened = True
+        waiters, self._open_waiters = self._open_waiters, []
+        for waiter in waiters:
+            waiter.callback(opened)
 
     def stopService(self) -> defer.Deferred[None]:
-        """Start no new attempt; wait (up to ``shutdown_grace``) for those in progress."""
+        """:meth:`stop_within` ``shutdown_grace`` seconds (a runner stopped on its own)."""
+        return self.stop_within(self.shutdown_grace)
+
+    def stop_within(self, seconds: float) -> defer.Deferred[None]:
+        """Start no new attempt; wait up to ``seconds`` for those in progress.
+
+        Those still running then stay in the spool and are tried again at the
+        next start.  The gateway passes what is left of its one shutdown grace
+        after the SMTP sessions (mailgate.lifecycle), so that the whole stop
+        fits in ``shutdown_grace``.
+        """
         super().stopService()
         self._accepting = False
-        if self._reopen_timer is not None and self._reopen_timer.active():
-            self._reopen_timer.cancel()
-        self._reopen_timer = None
+        self._cancel_reopen()
         for entry in self._entries.values():
             if entry.timer is not None and entry.timer.active():
                 entry.timer.cancel()
@@ -281,7 +335,7 @@ class QueueRunner(Service):
                 self._idle_waiters.remove(idle)
                 idle.callback(None)
 
-        timer = self.clock.callLater(self.shutdown_grace, give_up_waiting)
+        timer = self.clock.callLater(max(0.0, seconds), give_up_waiting)
 
         def stopped(result: Any) -> Any:
             if timer.active():
@@ -363,17 +417,22 @@ class QueueRunner(Service):
 
         return defer.gatherResults(waiting).addCallback(count)
 
-    def delete(self, queue_id: str) -> str:
+    def delete(self, queue_id: str) -> str | defer.Deferred[str]:
         """Remove an entry without a DSN (like postsuper -d); one being delivered
-        is removed when its attempt ends, whatever the outcome."""
+        is removed when its attempt ends, whatever the outcome.  The files are
+        removed in ``run_in_thread`` (a slow disk must not stall the sessions);
+        the answer comes once they are gone."""
         entry = self._entries[queue_id]
         if entry.status == SENDING:
             entry.delete_requested = True
             return "deleted after the delivery attempt in progress ends"
         self._forget(entry, "deleted")
-        self.spool.remove(queue_id)
-        self._emit("failed", entry, reason="deleted by the operator")
-        return "deleted"
+
+        def removed(_: None) -> str:
+            self._emit("failed", entry, reason="deleted by the operator")
+            return "deleted"
+
+        return self.run_in_thread(self.spool.remove, queue_id).addCallback(removed)
 
     # -- scheduling ----------------------------------------------------------------
 

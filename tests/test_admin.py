@@ -10,10 +10,15 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+from twisted.web.server import NOT_DONE_YET
+from twisted.web.test.requesthelper import DummyRequest
 
-from mailgate.admin import admin_site, directory_writable
+from mailgate.admin import AdminRoot, admin_site, directory_writable
 from mailgate.metrics import Metrics
 
 TEST_ADMIN_TOKEN = "test-admin-token-not-a-secret"
@@ -84,6 +89,65 @@ async def test_a_broken_check_means_not_ready(admin: Admin, logged_errors: Any) 
     assert (await admin.get("/readyz"))[::2] == (503, "not ready: routes\n")
     [event] = logged_errors.take()
     assert event["check"] == "routes"
+
+
+@pytest_twisted.ensureDeferred
+async def test_readyz_waits_for_checks_that_answer_later(admin: Admin) -> None:
+    """A check may answer with a Deferred (its disk work runs in a thread): /readyz
+    answers once it fires, with the same status, body and headers as at once."""
+    pending: list[defer.Deferred[bool]] = []
+
+    def later() -> defer.Deferred[bool]:
+        pending.append(defer.Deferred())
+        return pending[-1]
+
+    admin.checks["state_dir"] = later
+    for verdict, expected in ((False, (503, "not ready: state_dir\n")), (True, (200, "ready\n"))):
+        answer = defer.ensureDeferred(admin.get("/readyz"))
+        while not pending:
+            await deferLater(reactor, 0.01, lambda: None)
+        assert not answer.called
+        pending.pop().callback(verdict)
+        code, headers, body = await answer
+        assert (code, body) == expected
+        assert headers["content-type"] == "text/plain; charset=utf-8"
+        assert headers["cache-control"] == "no-store"
+    admin.checks["state_dir"] = lambda: deferLater(reactor, 0.01, lambda: True)
+    response = await treq.head(admin.url("/readyz"), persistent=False)
+    assert (response.code, await response.content()) == (200, b"")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_deferred_check_means_not_ready(admin: Admin, logged_errors: Any) -> None:
+    """A check whose Deferred fails (a disk error in the thread) is "not ready", logged."""
+    admin.checks["state_dir"] = lambda: defer.fail(OSError("I/O error"))
+    assert (await admin.get("/readyz"))[::2] == (503, "not ready: state_dir\n")
+    [event] = logged_errors.take()
+    assert event["check"] == "state_dir"
+
+
+def test_readyz_late_answer_has_a_length() -> None:
+    """The late answer is sent with a Content-Length, as an immediate one is."""
+    pending: defer.Deferred[bool] = defer.Deferred()
+    request = DummyRequest([b"readyz"])
+    resource = AdminRoot({"state_dir": lambda: pending}, Metrics().registry).getChildWithDefault(b"readyz", request)
+    assert resource.render(request) == NOT_DONE_YET
+    pending.callback(False)
+    assert (request.responseCode, request.written, request.finished) == (503, [b"not ready: state_dir\n"], 1)
+    assert request.responseHeaders.getRawHeaders(b"content-length") == [b"21"]
+
+
+def test_readyz_client_gone_before_the_answer() -> None:
+    """A probe that hangs up while a check is still running gets nothing written, and
+    the late answer raises nothing."""
+    pending: defer.Deferred[bool] = defer.Deferred()
+    root = AdminRoot({"state_dir": lambda: pending}, Metrics().registry)
+    request = DummyRequest([b"readyz"])
+    resource = root.getChildWithDefault(b"readyz", request)
+    assert resource.render(request) == NOT_DONE_YET
+    request.processingFailed(Failure(ConnectionDone()))
+    pending.callback(True)
+    assert request.written == [] and request.finished == 0
 
 
 @pytest_twisted.ensureDeferred

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.task import Clock
 
 from mailgate.lifecycle import GatewayService
@@ -88,3 +89,62 @@ def test_sessions_that_do_not_finish_are_cut_off_after_the_grace() -> None:
     clock.advance(1)
     assert Session.transport.aborted and stopped.called
     assert log[-2:] == ["stop queue", "stop events"]
+
+
+class StoppableQueue(Recording):
+    """A queue service that says how long it was given to stop."""
+
+    def __init__(self, log: list[str], clock: Clock):
+        super().__init__("queue", log)
+        self.clock = clock
+        self.given: list[float] = []
+
+    def stop_within(self, seconds: float) -> Any:
+        self.given.append(seconds)
+        super().stopService()
+        return task.deferLater(self.clock, seconds, lambda: None)
+
+
+def test_the_queue_gets_only_what_the_sessions_left_of_the_grace() -> None:
+    """One deadline for the whole stop: sessions that take 25 s of a 30 s grace leave
+    the queue 5 s, and the stop is over 30 s after it began (not 25 + 30)."""
+    log: list[str] = []
+    clock = Clock()
+    top = GatewayService(clock, shutdown_grace=30)
+    factory = Factory(log)
+    top.factories.append(factory)
+    queue = StoppableQueue(log, clock)
+    queue.setServiceParent(top)
+    top.early.append(queue)
+    top.startService()
+    stopped = top.stopService()
+    clock.advance(25)
+    factory.drained.callback(None)
+    assert queue.given == [5]
+    clock.advance(4.9)
+    assert not stopped.called
+    clock.advance(0.1)
+    assert stopped.called
+
+
+def test_a_stuck_delivery_does_not_extend_the_grace(tmp_path: Path) -> None:
+    """With the real queue: a session cut off at the grace leaves the queue nothing, so
+    an API that never answers does not add another grace; its message stays in the
+    spool for the next start."""
+    from tests.test_queue import PENDING, Harness, ScriptedTransport
+
+    h = Harness(tmp_path / "queue", {"p1": ScriptedTransport(PENDING)})
+    h.accept()
+    top = GatewayService(h.clock, shutdown_grace=30)
+    factory = Factory([])
+    top.factories.append(factory)
+    h.runner.setServiceParent(top)
+    top.early.append(h.runner)
+    top.startService()
+    began = h.clock.seconds()
+    stopped = top.stopService()
+    h.clock.advance(29.9)
+    assert not stopped.called
+    h.clock.advance(0.1)
+    assert stopped.called and h.clock.seconds() - began == 30
+    assert h.spool.ids() == ["AAAAAAAAAAAAAAAAAAAAAA"] and not h.spool.locked

@@ -11,6 +11,7 @@ import pytest
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 
 from mailgate.accounts.memory import MemoryAccountStore
 from mailgate.admin import failing_checks
@@ -18,6 +19,36 @@ from mailgate.build import build_service
 from mailgate.circuit import CircuitPolicy
 from mailgate.config import ConfigError, parse_config
 from mailgate.listeners import describe_address, listener_names
+
+
+class InlinePool:
+    """A thread pool that runs each call at once, and remembers what it ran."""
+
+    def __init__(self) -> None:
+        self.ran: list[str] = []
+
+    def callInThreadWithCallback(self, on_result: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        self.ran.append(f.__name__)
+        try:
+            result = f(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - handed back, as a real pool does
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+class PoolReactor(MemoryReactorClock):
+    """A MemoryReactorClock with a thread pool (the readiness probe's disk work goes there)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = InlinePool()
+
+    def getThreadPool(self) -> InlinePool:
+        return self.pool
+
+    def callFromThread(self, f: Any, *args: Any, **kwargs: Any) -> None:
+        f(*args, **kwargs)
 
 
 def config(tmp_path: Path, **extra: Any) -> Any:
@@ -58,19 +89,21 @@ def test_describe_address(address: Any, text: str) -> None:
 def test_readiness_follows_the_listeners(tmp_path: Path) -> None:
     """listeners_up is False before start and after stop, True while every port is bound;
     each bound listener logs one line with its name and address."""
-    reactor = MemoryReactorClock()
+    reactor = PoolReactor()
     (tmp_path / "state").mkdir()
     events: list[dict[str, Any]] = []
     service = build_service(config(tmp_path), reactor, None, store=MemoryAccountStore({}))
     assert not service.listeners_up()
-    assert failing_checks(service.readiness) == ["listeners"]
+    assert failing_checks(service.readiness).result == ["listeners"]
     globalLogPublisher.addObserver(events.append)
     try:
         service.startService()
     finally:
         globalLogPublisher.removeObserver(events.append)
     assert service.listeners_up()
-    assert failing_checks(service.readiness) == []
+    reactor.pool.ran.clear()
+    assert failing_checks(service.readiness).result == []
+    assert reactor.pool.ran == ["directory_writable"]  # The write probe, off the reactor thread.
     assert [e["listener"] for e in events if e.get("log_format", "").startswith("listener ")] == [
         "relay-0", "submission", "relay-2",
     ]  # fmt: skip

@@ -553,12 +553,47 @@ def test_operator_retry_delete_and_flush(harness: Any) -> None:
     assert "provider_settings" not in json.dumps(listed)
     assert h.runner.retry_now("AAAAAAAAAAAAAAAAAAAAAA") == "scheduled for immediate delivery"
     assert h.spool.ids() == ["BBBBBBBBBBBBBBBBBBBBBB", "CCCCCCCCCCCCCCCCCCCCCC"]
-    assert h.runner.delete("BBBBBBBBBBBBBBBBBBBBBB") == "deleted"
+    assert h.runner.delete("BBBBBBBBBBBBBBBBBBBBBB").result == "deleted"
     assert h.spool.ids() == ["CCCCCCCCCCCCCCCCCCCCCC"]
     flushed = h.runner.flush()
     assert flushed.result == {"delivered": 1}
     assert h.spool.ids() == [] and len(transport.sent) == 5
     assert [k for k, f in h.events.emitted if f["queue_id"] == "BBBBBBBBBBBBBBBBBBBBBB"] == ["deferred", "failed"]
+
+
+class PausedThreads:
+    """A ``run_in_thread`` whose calls wait until the test lets them run (a slow disk)."""
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[Any, tuple[Any, ...], defer.Deferred[Any]]] = []
+
+    def __call__(self, f: Any, *args: Any) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.waiting.append((f, args, d))
+        return d
+
+    def names(self) -> list[str]:
+        return [f.__name__ for f, _, _ in self.waiting]
+
+    def run_next(self) -> None:
+        f, args, d = self.waiting.pop(0)
+        defer.maybeDeferred(f, *args).chainDeferred(d)
+
+
+def test_delete_removes_the_files_in_a_thread(harness: Any) -> None:
+    """``mailgate queue delete`` never unlinks on the reactor thread: the entry leaves
+    the queue at once (no attempt starts), the files go in the thread pool, and the
+    answer comes once they are gone."""
+    h = harness(p1=ScriptedTransport(status(503)))
+    h.accept()
+    threads = PausedThreads()
+    h.runner.run_in_thread = threads
+    answer = h.runner.delete("AAAAAAAAAAAAAAAAAAAAAA")
+    assert "AAAAAAAAAAAAAAAAAAAAAA" not in h.runner and not answer.called
+    assert threads.names() == ["remove"] and h.spool.ids() == ["AAAAAAAAAAAAAAAAAAAAAA"]
+    threads.run_next()
+    assert answer.result == "deleted" and h.spool.ids() == []
+    assert h.events.kinds() == ["deferred", "failed"]
 
 
 def test_delete_during_an_attempt_takes_effect_when_it_ends(harness: Any) -> None:
@@ -687,6 +722,23 @@ def test_shutdown_grace_leaves_a_stuck_attempt_in_the_spool(harness: Any) -> Non
     assert h.spool.read_state("AAAAAAAAAAAAAAAAAAAAAA") == EntryState()
 
 
+def test_stop_within_bounds_the_wait_for_attempts_in_progress(harness: Any) -> None:
+    """stop_within(seconds) waits only that long (the gateway passes what is left of
+    its one shutdown grace); a stuck attempt stays in the spool.  With nothing left,
+    the stop is immediate."""
+    h = harness(p1=ScriptedTransport(PENDING, PENDING))
+    h.accept()
+    stopped = h.runner.stop_within(5)
+    h.clock.advance(4.9)
+    assert not stopped.called
+    h.clock.advance(0.1)
+    assert stopped.called and h.spool.ids() == ["AAAAAAAAAAAAAAAAAAAAAA"]
+    again = h.restart()  # The recovered message is being sent again.
+    stopped = again.runner.stop_within(0)
+    again.clock.advance(0)
+    assert stopped.called and again.spool.ids() == ["AAAAAAAAAAAAAAAAAAAAAA"]
+
+
 def test_mode_is_the_listeners_unless_the_account_overrides_it() -> None:
     """A queue listener queues, except for an account set to sync (and vice versa)."""
     from mailgate.modes import ModeDeliverer
@@ -722,10 +774,50 @@ def test_queue_opens_when_the_state_directory_appears(tmp_path: Path) -> None:
     runner.startService()
     email = parse_message(RAW, "app@example.com", ("b@example.org",))
     assert str(deliverer.deliver(email, ACCOUNT, "A" * 22).result.reply()).startswith("451 4.3.0")
-    assert not runner.open_spool() and not state.exists()
+    assert runner.open_spool().result is False and not state.exists()
     state.mkdir()
     clock.advance(10)
     assert runner.is_open
     assert deliverer.deliver(email, ACCOUNT, "B" * 22).result == Queued("B" * 22)
     assert len(transport.sent) == 1
+    runner.stopService()
+
+
+def test_reopening_the_spool_runs_in_a_thread(tmp_path: Path) -> None:
+    """Once running, the spool is opened (lock, recovery) in the thread pool, by the
+    periodic retry and by /readyz alike: a slow disk stalls no session.  Callers
+    meanwhile share the one attempt, and the queue opens (and delivers what it
+    recovered) only when the thread is done."""
+    clock = Clock()
+    state = tmp_path / "state"
+    earlier = Spool(state / "queue")
+    state.mkdir()
+    earlier.lock()
+    envelope = Envelope("A" * 22, clock.seconds(), "app@example.com", ("b@example.org",), ACCOUNT)
+    earlier.write(envelope, RAW)
+    earlier.unlock()
+    (state / "queue").rename(tmp_path / "kept")
+    state.rmdir()
+    transport = ScriptedTransport()
+    dispatcher = Dispatcher({"p1": Route(WebhookProvider("p1", {"url": "https://p1.example/v1"}), transport)}, ("p1",), clock)
+    threads = PausedThreads()
+    runner = QueueRunner(
+        Spool(state / "queue"), dispatcher, clock, RetryPolicy(), hostname="mx.example.net", run_in_thread=threads
+    )
+    runner.startService()  # At start-up, on this thread: the directory is missing.
+    assert not runner.is_open and threads.waiting == []
+    clock.advance(10)  # The periodic retry goes to a thread.
+    assert threads.names() == ["_lock_and_recover"]
+    probe = runner.open_spool()
+    assert threads.names() == ["_lock_and_recover"]  # Shared, not a second attempt.
+    threads.run_next()
+    assert probe.result is False and not runner.is_open
+    state.mkdir()
+    (tmp_path / "kept").rename(state / "queue")
+    clock.advance(10)
+    probe = runner.open_spool()
+    assert not probe.called and not runner.is_open
+    threads.run_next()
+    assert probe.result is True and runner.is_open
+    assert threads.names() == ["load"]  # Delivering the recovered message has begun.
     runner.stopService()
