@@ -428,11 +428,11 @@ class QueueRunner(Service):
             return "deleted after the delivery attempt in progress ends"
         self._forget(entry, "deleted")
 
-        def removed(_: None) -> str:
-            self._emit("failed", entry, reason="deleted by the operator")
+        async def remove() -> str:
+            await self._remove_deleted(entry, lambda: self.run_in_thread(self.spool.remove, queue_id))
             return "deleted"
 
-        return self.run_in_thread(self.spool.remove, queue_id).addCallback(removed)
+        return defer.ensureDeferred(remove())
 
     # -- scheduling ----------------------------------------------------------------
 
@@ -574,8 +574,16 @@ class QueueRunner(Service):
     async def _delete_requested(self, entry: _Entry) -> None:
         """Carry out a ``delete`` that arrived while the entry was being sent."""
         self._forget(entry, "deleted")
-        await self._remove(entry)
-        self._emit("failed", entry, reason="deleted by the operator")
+        await self._remove_deleted(entry, None)
+
+    async def _remove_deleted(self, entry: _Entry, remove: Callable[[], defer.Deferred[Any]] | None) -> None:
+        """Remove a deleted entry (with ``remove``, else :meth:`_remove`) and say so
+        in a ``failed`` event naming only the recipients no accepted request
+        reached.  The journal is read first: the removal takes it away."""
+        accepted = await self._accepted(entry)
+        await (self._remove(entry) if remove is None else remove())
+        undelivered = undelivered_recipients(entry.envelope.recipients, accepted.values())
+        self._emit("failed", entry, recipients=undelivered, reason="deleted by the operator")
 
     async def _remove(self, entry: _Entry) -> None:
         """Remove an entry's files.  The common case (delivered at the first attempt,

@@ -451,6 +451,18 @@ def test_expiry_after_a_partial_delivery_bounces_only_the_rest(harness: Any) -> 
     assert final_recipients(bounce) == ["c@example.org"] and "Status: 4.4.7" in delivery_status(bounce)
 
 
+def test_deleting_a_partly_delivered_message_names_only_the_rest(harness: Any) -> None:
+    """``mailgate queue delete`` after b's request was accepted and c's deferred:
+    the failed event ("deleted by the operator") names c only, as a DSN would."""
+    p1 = ScriptedTransport(ok("r1"), status(503))
+    h = harness(PerRecipientProvider, p1=p1)
+    h.accept(recipients=THREE[:2], account=SPLIT)
+    assert h.runner.delete("AAAAAAAAAAAAAAAAAAAAAA").result == "deleted"
+    [failed] = [fields for kind, fields in h.events.emitted if kind == "failed"]
+    assert failed["recipients"] == ("c@example.org",) and failed["reason"] == "deleted by the operator"
+    assert h.spool.ids() == []
+
+
 def test_unreadable_journal_still_knows_what_this_process_saw(
     harness: Any, monkeypatch: pytest.MonkeyPatch, logged_errors: Any
 ) -> None:
@@ -590,6 +602,9 @@ def test_delete_removes_the_files_in_a_thread(harness: Any) -> None:
     h.runner.run_in_thread = threads
     answer = h.runner.delete("AAAAAAAAAAAAAAAAAAAAAA")
     assert "AAAAAAAAAAAAAAAAAAAAAA" not in h.runner and not answer.called
+    # The journal (who already got it, for the event) is read before the removal takes it.
+    assert threads.names() == ["read_journal"] and h.spool.ids() == ["AAAAAAAAAAAAAAAAAAAAAA"]
+    threads.run_next()
     assert threads.names() == ["remove"] and h.spool.ids() == ["AAAAAAAAAAAAAAAAAAAAAA"]
     threads.run_next()
     assert answer.result == "deleted" and h.spool.ids() == []
