@@ -72,6 +72,10 @@ class Failed:
     reason: str
     code: int = 554
     enhanced: str = "5.0.0"
+    # Envelope recipients the failing request reached all the same: a request
+    # carrying several copies (a Postmark batch) some of which the API accepted.
+    # The DSN leaves them out (mailgate.queue.undelivered_recipients).
+    reached: tuple[str, ...] = ()
 
     def reply(self) -> Reply:
         return Reply(self.code, self.enhanced, f"Rejected by {self.provider}: {sanitise_text(self.reason)}")

@@ -654,7 +654,9 @@ class QueueRunner(Service):
             return
         if isinstance(outcome, Failed):
             last = str(outcome.reply())
-            await self._give_up(entry, outcome.enhanced, last, last, outcome.provider, attempts, raw)
+            await self._give_up(
+                entry, outcome.enhanced, last, last, outcome.provider, attempts, raw, reached=outcome.reached
+            )
             return
         when = next_attempt(
             self.policy,
@@ -702,16 +704,20 @@ class QueueRunner(Service):
         provider: str,
         attempts: int,
         raw: bytes | None,
+        reached: tuple[str, ...] = (),
     ) -> None:
         """Permanent failure or lifetime over: event, DSN to the sender, then remove.
 
         ``reason`` goes to the log and the event; ``diagnostic`` (the last reply)
         and ``status`` to the DSN.  Both name only the recipients no accepted
-        request reached; when every recipient was reached (what failed carried
-        none of them) the message counts as delivered: no DSN, event ``delivered``."""
+        request reached, nor ``reached`` (those the failing request itself
+        reached: copies of a batch the API accepted); when every recipient was
+        reached (what failed carried none of them) the message counts as
+        delivered: no DSN, event ``delivered``."""
         envelope = entry.envelope
         accepted = await self._accepted(entry)
-        undelivered = undelivered_recipients(envelope.recipients, accepted.values())
+        records = [*accepted.values(), JournalRecord("", provider, "", reached)]
+        undelivered = undelivered_recipients(envelope.recipients, records)
         if not undelivered:
             self.log.info(
                 "queue: message {queue_id}: {status} {reason}, but every recipient was reached by an "

@@ -273,8 +273,9 @@ BAD_ADDRESS = {"ErrorCode": 300, "Message": "Invalid 'To' address: 'z'."}
         (batch_answer(OK_X, OK_Y, INACTIVE), Delivered("pm", "id-x and 1 more")),
         (batch_answer(INACTIVE, INACTIVE, INACTIVE),
          Failed("pm", "Postmark error 406: Found inactive addresses: z@example.org.", 550, "5.7.1")),
+        # x's copy went out all the same: a DSN must not say it failed.
         (batch_answer(OK_X, BAD_ADDRESS, INACTIVE),
-         Failed("pm", "Postmark error 300: Invalid 'To' address: 'z'.", 554, "5.6.0")),
+         Failed("pm", "Postmark error 300: Invalid 'To' address: 'z'.", 554, "5.6.0", reached=("x@example.org",))),
         (batch_answer(OK_X, {"ErrorCode": 429, "Message": "Rate limit exceeded"}),
          Retry("pm", "Postmark error 429: Rate limit exceeded", "4.7.0", ambiguous=True)),
         (response(401, {"ErrorCode": 10, "Message": "Bad or missing API token"}),
@@ -285,3 +286,12 @@ BAD_ADDRESS = {"ErrorCode": 300, "Message": "Invalid 'To' address: 'z'."}
 def test_batch_classification(answer: HTTPResponse, expected: object) -> None:
     """One outcome for the whole batch: every copy accepted, or the first real refusal decides."""
     assert provider().classify(blind_batch(), answer) == expected
+
+
+def test_refused_batch_names_the_envelope_recipients_of_its_accepted_copies() -> None:
+    """Copies are matched to their results by position, and their addresses to the
+    envelope case-insensitively, in the envelope's spelling."""
+    email = parse_message(ALL_BLIND, "a@example.com", ("X@Example.org", "y@example.org", "z@example.org"))
+    [request] = provider().build_requests(email, ACCOUNT, "QB")
+    outcome = provider().classify(request, batch_answer(BAD_ADDRESS, OK_Y, OK_X))
+    assert isinstance(outcome, Failed) and outcome.reached == ("y@example.org", "z@example.org")

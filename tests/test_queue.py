@@ -437,6 +437,31 @@ def test_dsn_after_a_restart_leaves_out_recipients_journaled_before(harness: Any
     assert [fields["recipients"] for kind, fields in h.events.emitted if kind == "failed"] == [("c@example.org",)]
 
 
+class BatchProvider(WebhookProvider):
+    """One request carrying a copy per recipient (as a Postmark batch): an answer
+    naming ``reached`` refuses the request for good, though those copies went out."""
+
+    def classify(self, request: HTTPRequest, response: HTTPResponse) -> Any:
+        reached = (response.json() or {}).get("reached")
+        if reached is None:
+            return super().classify(request, response)
+        return Failed(self.name, "one copy refused", 550, "5.1.1", reached=tuple(reached))
+
+
+def test_dsn_leaves_out_copies_the_failing_request_delivered(harness: Any) -> None:
+    """The only request of the message is refused for good, yet the API accepted
+    b's and d's copies in it: the DSN and the failed event name c alone."""
+    answer = HTTPResponse(422, (), json.dumps({"reached": ["b@example.org", "d@example.org"]}).encode())
+    p1 = ScriptedTransport(answer)
+    h = harness(BatchProvider, p1=p1)
+    h.accept(recipients=THREE, account=SPLIT)
+    [bounce] = bounces(p1)
+    assert final_recipients(bounce) == ["c@example.org"]
+    [failed] = [fields for kind, fields in h.events.emitted if kind == "failed"]
+    assert failed["recipients"] == ("c@example.org",)
+    assert h.spool.ids() == []
+
+
 def test_expiry_after_a_partial_delivery_bounces_only_the_rest(harness: Any) -> None:
     """b's request is accepted, c's keeps failing transiently until the queue
     lifetime is over: the 4.4.7 DSN names c only."""

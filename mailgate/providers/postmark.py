@@ -39,6 +39,7 @@ import base64
 import json
 from collections.abc import Mapping
 from dataclasses import replace
+from email.utils import getaddresses
 from typing import Any
 
 from zope.interface import implementer
@@ -216,7 +217,12 @@ class PostmarkProvider:
 
     def classify(self, request: HTTPRequest, response: HTTPResponse) -> Outcome:
         if request.url.endswith("/email/batch"):
-            return classify_batch(self.name, response, request.queue_id)
+            outcome = classify_batch(self.name, response, request.queue_id)
+            if isinstance(outcome, Failed):
+                reached = accepted_recipients(request, response)
+                if reached:
+                    outcome = replace(outcome, reached=reached)
+            return outcome
         return classify_response(self.name, response, request.queue_id)
 
 
@@ -273,6 +279,24 @@ def classify_batch(provider: str, response: HTTPResponse, queue_id: str) -> Outc
     if accepted and isinstance(outcome, Retry):
         outcome = replace(outcome, ambiguous=True)
     return outcome
+
+
+def accepted_recipients(request: HTTPRequest, response: HTTPResponse) -> tuple[str, ...]:
+    """The envelope recipients (``request.recipients``) of the batch copies
+    Postmark accepted: results come in the order of the copies sent."""
+    try:
+        copies = json.loads(request.body)
+        results = response.json()
+    except ValueError:
+        return ()
+    if not (isinstance(copies, list) and isinstance(results, list)):
+        return ()
+    addresses = set()
+    for copy, result in zip(copies, results, strict=False):
+        if isinstance(result, dict) and result.get("ErrorCode") in (0, None) and isinstance(copy, dict):
+            fields = [str(copy.get(name) or "") for name in ("To", "Cc", "Bcc")]
+            addresses.update(address.lower() for _, address in getaddresses(fields) if address)
+    return tuple(recipient for recipient in request.recipients if recipient.lower() in addresses)
 
 
 def _validate(name: str, settings: dict[str, Any]) -> None:
