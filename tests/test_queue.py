@@ -27,6 +27,7 @@ from mailgate.providers.webhook import WebhookProvider
 from mailgate.queue import GroupCommit, Queued, QueueDeliverer, QueueRunner, undelivered_recipients
 from mailgate.retry import RetryPolicy
 from mailgate.spool import EntryState, Envelope, JournalRecord, Spool
+from tests.test_dispatch import PerRecipient as PerRecipientProvider
 
 RAW = (
     b"Received: from client.example\r\nFrom: App <app@example.com>\r\nTo: b@example.org\r\n"
@@ -67,19 +68,6 @@ class ScriptedTransport:
 
     def payloads(self) -> list[dict[str, Any]]:
         return [json.loads(request.body) for request in self.sent]
-
-
-class PerRecipientProvider(WebhookProvider):
-    """An adapter that sends one request per envelope recipient (as some APIs need)
-    and names the recipient each request carries."""
-
-    def build_requests(self, email: Any, account: Account, message_id: str) -> list[HTTPRequest]:
-        requests = []
-        for recipient in email.envelope_recipients:
-            single = parse_message(email.raw, email.envelope_sender, (recipient,))
-            [request] = super().build_requests(single, account, message_id)
-            requests.append(dataclasses.replace(request, recipients=(recipient,)))
-        return requests
 
 
 def delivery_status(payload: dict[str, Any]) -> str:
