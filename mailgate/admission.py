@@ -23,6 +23,8 @@ A *client* is the peer address the session sees (``transport.getPeer()``,
 which behind the PROXY protocol is the proxied address): an IPv4 address, or
 an IPv6 address's /64 prefix, since one IPv6 host or site is normally given a
 whole /64 (RFC 6177) and could otherwise rotate through 2**64 addresses.
+``ipv6_client_prefix`` widens that (a /56 or /48 per site, RFC 6177 §2) for an
+operator whose abusers rotate through the /64s of their site.
 IPv4-mapped IPv6 addresses count as the IPv4 address.  Clients in
 ``exempt_networks`` (default: loopback, as Postfix exempts ``$mynetworks``) are
 not subject to the per-client limits; load shedding applies to everyone.
@@ -65,13 +67,14 @@ def in_networks(host: str, networks: Iterable[Network]) -> bool:
     return address is not None and any(address in network for network in networks)
 
 
-def client_key(host: str) -> str:
-    """The identity per-client limits count: IPv4 address, or IPv6 /64 prefix."""
+def client_key(host: str, ipv6_prefix: int = 64) -> str:
+    """The identity per-client limits count: IPv4 address, or IPv6 prefix
+    (``ipv6_prefix`` bits, a /64 by default)."""
     address = peer_address(host)
     if address is None:
         return host  # A UNIX socket path or other non-IP peer: counted as itself.
     if isinstance(address, ipaddress.IPv6Address):
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
+        return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
     return str(address)
 
 
@@ -154,6 +157,9 @@ class Admission:
             limits.max_auth_failures_per_ip, limits.auth_failure_window, clock
         )
 
+    def _key(self, host: str) -> str:
+        return client_key(host, self.limits.ipv6_client_prefix)
+
     def _exempt(self, host: str) -> bool:
         return in_networks(host, self.limits.exempt_networks)
 
@@ -165,7 +171,7 @@ class Admission:
         limits = self.limits
         if self.sessions >= limits.max_sessions or self.deliveries >= limits.max_deliveries_in_flight:
             return replies.SERVER_BUSY
-        key = client_key(host)
+        key = self._key(host)
         if not self._exempt(host):
             if self._connections.get(key, 0) >= limits.max_connections_per_ip:
                 return replies.TOO_MANY_CONNECTIONS
@@ -176,7 +182,7 @@ class Admission:
         return None
 
     def close_session(self, host: str) -> None:
-        key = client_key(host)
+        key = self._key(host)
         self.sessions -= 1
         count = self._connections.get(key, 0) - 1
         if count > 0:
@@ -185,7 +191,7 @@ class Admission:
             self._connections.pop(key, None)
 
     def connections_from(self, host: str) -> int:
-        return self._connections.get(client_key(host), 0)
+        return self._connections.get(self._key(host), 0)
 
     # -- deliveries -------------------------------------------------------------------
 
@@ -199,7 +205,7 @@ class Admission:
 
     def auth_blocked(self, host: str) -> bool:
         """True once ``host`` has used up its failed-login budget for the window."""
-        return not self._exempt(host) and self._auth_failures.exhausted(client_key(host))
+        return not self._exempt(host) and self._auth_failures.exhausted(self._key(host))
 
     def auth_attempt(self, host: str) -> bool:
         """Charge one login attempt to ``host``'s failed-login budget *before* the
@@ -209,13 +215,13 @@ class Admission:
         a guesser's concurrent connections, each past :meth:`auth_blocked` while
         the account store answers, would otherwise all get a guess.  An attempt
         that did not fail is handed back with :meth:`auth_not_failed`."""
-        return self._exempt(host) or self._auth_failures.take(client_key(host))
+        return self._exempt(host) or self._auth_failures.take(self._key(host))
 
     def auth_not_failed(self, host: str) -> None:
         """Give back the attempt charged by :meth:`auth_attempt` (login succeeded,
         or the account store could not answer)."""
         if not self._exempt(host):
-            self._auth_failures.give(client_key(host))
+            self._auth_failures.give(self._key(host))
 
     @property
     def tracked_clients(self) -> int:

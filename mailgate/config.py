@@ -128,6 +128,8 @@ class LimitsConfig:
     max_auth_failures_per_ip: int = 10
     auth_failure_window: float = 900.0
     exempt_networks: tuple[Network, ...] = LOOPBACK_NETWORKS
+    # The IPv6 prefix one client is counted by (RFC 6177: a site gets a /48 to /64).
+    ipv6_client_prefix: int = 64
     # MIME structure (mailgate.message.MimeLimits).
     max_mime_depth: int = 32
     max_mime_parts: int = 1000
@@ -508,6 +510,10 @@ def _admission_and_mime_limits(table: _Table, defaults: LimitsConfig) -> dict[st
     values["max_header_size"] = parse_size(header_size, "limits.max_header_size")
     if "exempt_networks" in table.data:
         values["exempt_networks"] = _networks(table, "exempt_networks")
+    prefix = table.take("ipv6_client_prefix", int, defaults.ipv6_client_prefix)
+    if not 32 <= prefix <= 128:
+        raise ConfigError("limits.ipv6_client_prefix", "must be a prefix length from 32 to 128")
+    values["ipv6_client_prefix"] = prefix
     return values
 
 

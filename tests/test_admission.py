@@ -36,6 +36,27 @@ def test_client_key(host: str, key: str) -> None:
     assert client_key(host) == key
 
 
+def test_client_key_with_a_wider_ipv6_prefix() -> None:
+    """ipv6_client_prefix counts a whole IPv6 site (/48 here) as one client; IPv4 is unaffected."""
+    assert client_key("2001:db8:1:2:aaaa::1", 48) == "2001:db8:1::/48"
+    assert client_key("2001:db8:1:ffff::1", 48) == "2001:db8:1::/48"
+    assert client_key("192.0.2.7", 48) == "192.0.2.7"
+
+
+def test_a_site_rotating_through_its_64s_is_one_client_with_a_48_prefix() -> None:
+    """With the default /64, two /64s of one site each get max_connections_per_ip;
+    with ipv6_client_prefix = 48 they share it, and another site does not."""
+    default, _ = admission(max_connections_per_ip=1)
+    assert default.open_session("2001:db8:1:1::1") is None
+    assert default.open_session("2001:db8:1:2::1") is None
+    site, _ = admission(max_connections_per_ip=1, ipv6_client_prefix=48)
+    assert site.open_session("2001:db8:1:1::1") is None
+    assert site.open_session("2001:db8:1:2::1") == replies.TOO_MANY_CONNECTIONS
+    assert site.open_session("2001:db8:2:1::1") is None
+    site.close_session("2001:db8:1:1::1")
+    assert site.open_session("2001:db8:1:2::1") is None
+
+
 def test_in_networks_unmaps_ipv4() -> None:
     """An IPv4-mapped IPv6 peer matches IPv4 networks; non-IP peers match nothing."""
     loopback = [ipaddress.ip_network("127.0.0.0/8")]
