@@ -716,8 +716,7 @@ class QueueRunner(Service):
         delivered: no DSN, event ``delivered``."""
         envelope = entry.envelope
         accepted = await self._accepted(entry)
-        records = [*accepted.values(), JournalRecord("", provider, "", reached)]
-        undelivered = undelivered_recipients(envelope.recipients, records)
+        undelivered = undelivered_recipients(envelope.recipients, accepted.values(), reached)
         if not undelivered:
             self.log.info(
                 "queue: message {queue_id}: {status} {reason}, but every recipient was reached by an "
@@ -962,17 +961,21 @@ def describe_entry(envelope: Envelope, state: EntryState, status: str | None = N
     return _describe(envelope, state, status)
 
 
-def undelivered_recipients(recipients: Sequence[str], accepted: Iterable[JournalRecord]) -> tuple[str, ...]:
+def undelivered_recipients(
+    recipients: Sequence[str], accepted: Iterable[JournalRecord], reached: Iterable[str] = ()
+) -> tuple[str, ...]:
     """The envelope ``recipients`` that no accepted request is known to have
-    reached, in envelope order: those a DSN is owed for (RFC 3464 §2.3: one
-    per-recipient block for each recipient the report is about).  Addresses
-    compare case-insensitively, as the adapters match them; a record whose
-    recipients are unknown (``None``) reaches nobody, so a journal line of an
-    earlier version never drops anyone from a DSN."""
-    reached = {
+    reached, nor ``reached`` (those a failed request reached all the same:
+    ``Failed.reached``), in envelope order: those a DSN is owed for (RFC 3464
+    §2.3: one per-recipient block for each recipient the report is about).
+    Addresses compare case-insensitively, as the adapters match them; a record
+    whose recipients are unknown (``None``) reaches nobody, so a journal line of
+    an earlier version never drops anyone from a DSN."""
+    known = {address.lower() for address in reached}
+    known.update(
         address.lower() for record in accepted if record.recipients is not None for address in record.recipients
-    }
-    return tuple(recipient for recipient in recipients if recipient.lower() not in reached)
+    )
+    return tuple(recipient for recipient in recipients if recipient.lower() not in known)
 
 
 def _duration(seconds: float) -> str:

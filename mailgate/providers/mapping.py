@@ -89,8 +89,14 @@ def envelope_share(email: OutboundEmail, addresses: Iterable[str]) -> tuple[str,
     recipients (ARCHITECTURE.md §1), so they are in the share of the request
     that carries them as ``Bcc``.
     """
+    return share_of(email.envelope_recipients, addresses)
+
+
+def share_of(recipients: Iterable[str], addresses: Iterable[str]) -> tuple[str, ...]:
+    """The ``recipients`` found among ``addresses`` (case-insensitively), in the
+    order and spelling of ``recipients``: :func:`envelope_share`'s rule."""
     wanted = {address.lower() for address in addresses}
-    return tuple(recipient for recipient in email.envelope_recipients if recipient.lower() in wanted)
+    return tuple(recipient for recipient in recipients if recipient.lower() in wanted)
 
 
 def split_recipients(email: OutboundEmail, require_to: bool = True) -> list[Recipients]:

@@ -68,6 +68,7 @@ from mailgate.providers.mapping import (
     envelope_share,
     forwarded_headers,
     setting,
+    share_of,
     split_recipients,
 )
 from mailgate.providers.providertype import (
@@ -291,12 +292,12 @@ def accepted_recipients(request: HTTPRequest, response: HTTPResponse) -> tuple[s
         return ()
     if not (isinstance(copies, list) and isinstance(results, list)):
         return ()
-    addresses = set()
+    addresses = []
     for copy, result in zip(copies, results, strict=False):
         if isinstance(result, dict) and result.get("ErrorCode") in (0, None) and isinstance(copy, dict):
             fields = [str(copy.get(name) or "") for name in ("To", "Cc", "Bcc")]
-            addresses.update(address.lower() for _, address in getaddresses(fields) if address)
-    return tuple(recipient for recipient in request.recipients if recipient.lower() in addresses)
+            addresses += [address for _, address in getaddresses(fields) if address]
+    return share_of(request.recipients, addresses)
 
 
 def _validate(name: str, settings: dict[str, Any]) -> None:

@@ -281,15 +281,7 @@ class SESProvider:
         )
         signer.add_auth(aws_request)
         signed = tuple(aws_request.headers.items())
-        return HTTPRequest(
-            request.method,
-            request.url,
-            (*signed, ("User-Agent", USER_AGENT)),
-            request.body,
-            request.provider,
-            request.queue_id,
-            request.recipients,
-        )
+        return replace(request, headers=(*signed, ("User-Agent", USER_AGENT)))
 
     def classify(self, request: HTTPRequest, response: HTTPResponse) -> Outcome:
         return classify_response(self.name, response, request.queue_id)
