@@ -43,6 +43,7 @@ from mailgate.reload import Parts, Reloader
 from mailgate.retry import RetryPolicy
 from mailgate.smtp import SessionPolicy, SMTPSessionFactory
 from mailgate.spool import Spool, SpoolLocked
+from mailgate.spoolwriter import ProcessSpoolWriter
 from mailgate.tls import (
     ReloadableContextFactory,
     TLSConfigError,
@@ -300,6 +301,11 @@ def in_thread_pool(reactor: Any) -> Callable[..., Any]:
     return run
 
 
+# How long start-up waits for the spool lock: the spool writer process of a
+# server that was just killed may still be finishing its last batch.
+SPOOL_LOCK_WAIT = 5.0
+
+
 def build_queue(
     config: Config, reactor: Any, dispatcher: Dispatcher, events: EventSink | NullEventSink | None = None
 ) -> tuple[Spool, QueueRunner, QueueDeliverer]:
@@ -308,7 +314,7 @@ def build_queue(
     an earlier run in queue mode is delivered after a switch to sync mode too."""
     spool = Spool(config.server.state_dir / "queue")
     try:
-        spool.lock()
+        spool.lock(wait=SPOOL_LOCK_WAIT)
     except SpoolLocked as e:
         raise ConfigError("server.state_dir", str(e)) from None
     except OSError:
@@ -321,13 +327,22 @@ def build_queue(
         reactor,
         RetryPolicy(first_retry=queue.first_retry, max_retry_interval=queue.max_retry_interval, lifetime=queue.lifetime),
         hostname=config.server.hostname,
-        parse=make_parser(reactor),
+        # The session's limits: a message parsed again after a restart must pass
+        # the same checks it passed when it was accepted.
+        parse=make_parser(reactor, mime_limits(config.limits)),
         run_in_thread=run_in_thread,
         events=events,
         max_in_flight=queue.max_in_flight,
         shutdown_grace=config.server.shutdown_grace,
     )
-    deliverer = QueueDeliverer(spool, runner, reactor, refusal=dispatcher.refusal, run_in_thread=run_in_thread)
+    deliverer = QueueDeliverer(
+        spool,
+        runner,
+        reactor,
+        refusal=dispatcher.refusal,
+        run_in_thread=run_in_thread,
+        writer=ProcessSpoolWriter(spool, reactor),
+    )
     return spool, runner, deliverer
 
 
@@ -394,6 +409,7 @@ def build_service(
     top.factories.extend(smtp_factories)
     runner.setServiceParent(top)
     top.early.append(runner)
+    queue_deliverer.writer.setServiceParent(top)  # Stops after the sessions and the queue.
     ControlService(runner, spool.control_path, reactor).setServiceParent(top)
     events.setServiceParent(top)
     # /readyz.
@@ -417,6 +433,7 @@ def build_service(
         source = config.source
         load = (lambda: load_config(source)) if source is not None else (lambda: config)
     top.queue = runner  # type: ignore[attr-defined]
+    top.spool_writer = queue_deliverer.writer  # type: ignore[attr-defined]
     top.dispatcher = dispatcher  # type: ignore[attr-defined]
     top.events = events  # type: ignore[attr-defined]
     top.message_rate = message_rate  # type: ignore[attr-defined]

@@ -105,6 +105,12 @@ class Dispatcher:
         breaker = self.breakers.get(name)
         return breaker is not None and breaker.retry_in() == 0
 
+    def prepare(self, queue_id: str, raw: bytes, sender: str, recipients: tuple[str, ...], account: Account) -> None:
+        """Sync mode keeps nothing before the message is parsed."""
+
+    def release(self, queue_id: str) -> None:
+        """Nothing was prepared (see :meth:`prepare`)."""
+
     @defer.inlineCallbacks
     def deliver(
         self,

@@ -86,6 +86,17 @@ class IDeliverer(Interface):
         ``queue_id`` is mailgate's id for the message (logs, Received header,
         idempotency key)."""
 
+    def prepare(queue_id, raw, sender, recipients, account):  # type: ignore[no-untyped-def]
+        """The final dot was read: ``raw`` is the message as received, not yet
+        parsed or checked.  A deliverer that stores messages may start writing it
+        now, in parallel with the parse; nothing may be acknowledged or sent
+        before :meth:`deliver`.  Returns nothing."""
+
+    def release(queue_id):  # type: ignore[no-untyped-def]
+        """The final dot of ``queue_id`` was answered (whatever the answer, and
+        whether or not :meth:`deliver` was called): drop what :meth:`prepare`
+        kept and :meth:`deliver` did not use."""
+
 
 class IEventSink(Interface):
     """Where delivery events go (:mod:`mailgate.events`): the events webhook, or nowhere."""

@@ -26,6 +26,15 @@ class ModeDeliverer:
         self.default_mode = default_mode
         self.deliverers = deliverers
 
+    def _for(self, account: Account) -> IDeliverer:
+        return self.deliverers[account.delivery_mode if account.delivery_mode in self.deliverers else self.default_mode]
+
+    def prepare(self, queue_id: str, raw: bytes, sender: str, recipients: tuple[str, ...], account: Account) -> None:
+        self._for(account).prepare(queue_id, raw, sender, recipients, account)
+
+    def release(self, queue_id: str) -> None:
+        for deliverer in self.deliverers.values():
+            deliverer.release(queue_id)  # Only the one that prepared it holds anything.
+
     def deliver(self, email: OutboundEmail, account: Account, queue_id: str) -> Any:
-        mode = account.delivery_mode if account.delivery_mode in self.deliverers else self.default_mode
-        return self.deliverers[mode].deliver(email, account, queue_id)
+        return self._for(account).deliver(email, account, queue_id)

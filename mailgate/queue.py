@@ -62,9 +62,11 @@ from mailgate.spool import (
     JournalRecord,
     Spool,
     SpoolLocked,
+    encode_entry,
     headers_of,
     is_disk_full,
 )
+from mailgate.spoolwriter import ProcessSpoolWriter, ThreadSpoolWriter
 
 __all__ = ["NotQueued", "QueueDeliverer", "QueueRunner", "Queued", "synchronous"]
 
@@ -76,6 +78,8 @@ STATES = (QUEUED, DEFERRED, SENDING)
 
 EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
 REOPEN_INTERVAL = 10.0  # seconds between attempts to open a spool that could not be opened
+# Above this size a message's spool file is encoded (checksummed) in a thread.
+ENCODE_INLINE_LIMIT = 64 * 1024
 
 
 def synchronous(f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
@@ -532,6 +536,7 @@ class QueueRunner(Service):
                 _, raw = await self.run_in_thread(self.spool.load, queue_id)
                 email = await self._parse(envelope, raw)
                 journal = await self.run_in_thread(self.spool.read_journal, queue_id)
+            raw = email.raw  # What a DSN quotes: control and Bcc headers taken out.
             account = envelope.account
             if journal:
                 # Part of the message was accepted by this provider: failing over now
@@ -607,9 +612,18 @@ class QueueRunner(Service):
             self.run_in_thread(self.spool.remove_many, batch).addBoth(self._remove_batch)
 
     def _parse(self, envelope: Envelope, raw: bytes) -> Any:
-        """Parse a stored message again.  The stored bytes are what the provider
-        would have received (control headers already taken out), so the control
-        values come from the envelope."""
+        """Parse a stored message again.
+
+        A message stored as received (``controls`` is None: it was prepared
+        while the session parsed it) is parsed exactly as the session did, with
+        its control headers and the account's defaults.  An entry written by an
+        earlier version, or a DSN, holds the parsed message (control headers
+        already taken out), and its control values are in the envelope.
+        """
+        if envelope.controls is None:
+            return defer.maybeDeferred(
+                self.parse, raw, envelope.sender, envelope.recipients, envelope.account.defaults
+            )
 
         def with_controls(email: OutboundEmail) -> OutboundEmail:
             return dataclasses.replace(email, controls=envelope.controls)
@@ -617,6 +631,16 @@ class QueueRunner(Service):
         return defer.maybeDeferred(self.parse, raw, envelope.sender, envelope.recipients, {}).addCallback(
             with_controls
         )
+
+    async def _quoted_message(self, entry: _Entry) -> bytes:
+        """The message as a DSN quotes it, read back from the spool: parsed, so
+        that control and Bcc headers are out (as stored, if it cannot be parsed)."""
+        _, raw = await self.run_in_thread(self.spool.load, entry.queue_id)
+        try:
+            email = await self._parse(entry.envelope, raw)
+        except MessageParseError:
+            return raw
+        return email.raw
 
     def _journal(
         self, entry: _Entry, key: str, delivered: Delivered, remaining: int, recipients: tuple[str, ...] | None
@@ -746,7 +770,7 @@ class QueueRunner(Service):
         if envelope.sender:
             try:
                 if raw is None:
-                    _, raw = await self.run_in_thread(self.spool.load, entry.queue_id)
+                    raw = await self._quoted_message(entry)
                 bounce = await self._write_dsn(envelope, undelivered, status, diagnostic, raw)
             except (OSError, CorruptEntry) as e:
                 # Keep the message: the bounce is owed, and is tried again with it.
@@ -832,56 +856,18 @@ class QueueRunner(Service):
             self.log.failure("queue: event sink failed for {queue_id}", queue_id=envelope.queue_id)
 
 
-class GroupCommit:
-    """Durable spool writes for many concurrent messages (group commit).
-
-    Messages are written in batches, each batch by one call in the thread pool:
-    every file written and fsynced, renamed, then one fsync of the directory
-    for the whole batch.  Up to ``parallel`` batches run at once, so that
-    fsyncs overlap (the file system's journal commits them together); messages
-    that arrive while all are busy wait and form the next batch.  The cost of
-    durability (thread hand-offs, directory fsyncs) is thus shared by the
-    messages of a batch, while a lone message is written at once.
-    """
-
-    def __init__(self, spool: Spool, run_in_thread: Callable[..., defer.Deferred[Any]], parallel: int = 4):
-        self.spool = spool
-        self.run_in_thread = run_in_thread
-        self.parallel = parallel
-        self._waiting: list[tuple[Envelope, bytes, defer.Deferred[None]]] = []
-        self._batches = 0
-
-    def write(self, envelope: Envelope, raw: bytes) -> defer.Deferred[None]:
-        """Fires when the message is durable; fails with OSError when it is not."""
-        done: defer.Deferred[None] = defer.Deferred()
-        self._waiting.append((envelope, raw, done))
-        if self._batches < self.parallel:
-            self._next_batch()
-        return done
-
-    def _next_batch(self) -> None:
-        batch, self._waiting = self._waiting, []
-        if not batch:
-            return
-        self._batches += 1
-        written = self.run_in_thread(self.spool.write_batch, [(envelope, raw) for envelope, raw, _ in batch])
-
-        def report(result: Any) -> None:
-            self._batches -= 1
-            errors = result if isinstance(result, list) else [result.value] * len(batch)
-            for (_, _, done), error in zip(batch, errors, strict=True):
-                if error is None:
-                    done.callback(None)
-                else:
-                    done.errback(error)
-            self._next_batch()
-
-        written.addBoth(report)
-
-
 @implementer(IDeliverer)
 class QueueDeliverer:
     """Queue mode's deliverer: spool durably, then answer 250 (see the module docstring).
+
+    The spool file is written in two phases (:mod:`mailgate.spoolwriter`):
+    :meth:`prepare` starts writing the message as received as soon as the final
+    dot is read, in parallel with the parse and the checks; :meth:`deliver`
+    publishes it once they pass, and the 250 waits for that; :meth:`release`
+    takes back what a refused message left prepared.  The message is stored as
+    the client sent it (with our Received header), and its envelope has no
+    control values (``controls=None``): a later attempt parses it again exactly
+    as the session did, control headers included.
 
     ``refusal(email, account)`` (the dispatcher's) rejects at once a message no
     provider on the route can carry, rather than accepting it only to bounce it.
@@ -897,12 +883,44 @@ class QueueDeliverer:
         *,
         refusal: Callable[[OutboundEmail, Account], Failed | None] | None = None,
         run_in_thread: Callable[..., defer.Deferred[Any]] = synchronous,
+        writer: ThreadSpoolWriter | ProcessSpoolWriter | None = None,
     ):
         self.spool = spool
         self.runner = runner
         self.clock = clock
         self.refusal = refusal
-        self.commit = GroupCommit(spool, run_in_thread)
+        self.run_in_thread = run_in_thread
+        self.writer = writer if writer is not None else ThreadSpoolWriter(spool, run_in_thread)
+        self._prepared: dict[str, tuple[Envelope, defer.Deferred[None]]] = {}
+
+    def prepare(
+        self, queue_id: str, raw: bytes, sender: str, recipients: tuple[str, ...], account: Account
+    ) -> None:
+        if not self.runner.is_open:
+            return  # deliver() answers; nothing to write into.
+        envelope = Envelope(
+            queue_id=queue_id,
+            arrival=self.clock.seconds(),
+            sender=sender,
+            recipients=recipients,
+            account=account,
+            controls=None,
+        )
+        self._prepared[queue_id] = (envelope, self._write(envelope, raw))
+
+    def release(self, queue_id: str) -> None:
+        prepared = self._prepared.pop(queue_id, None)
+        if prepared is not None:
+            prepared[1].addBoth(lambda _: self.writer.discard(queue_id))
+
+    def _write(self, envelope: Envelope, raw: bytes) -> defer.Deferred[None]:
+        """Prepare the spool file; its checksum is computed in a thread for a large
+        message (hashing megabytes would stall the reactor)."""
+        queue_id = envelope.queue_id
+        if len(raw) <= ENCODE_INLINE_LIMIT:
+            return self.writer.prepare(queue_id, encode_entry(envelope, raw))
+        encoded = self.run_in_thread(encode_entry, envelope, raw)
+        return encoded.addCallback(lambda data: self.writer.prepare(queue_id, data))
 
     def deliver(self, email: OutboundEmail, account: Account, queue_id: str) -> defer.Deferred[Any]:
         refused = self.refusal(email, account) if self.refusal is not None else None
@@ -911,16 +929,21 @@ class QueueDeliverer:
         if not self.runner.is_open:
             # No state directory (yet), or the server is stopping: the client keeps it.
             return defer.succeed(NotQueued(replies.SPOOL_ERROR))
-        envelope = Envelope(
-            queue_id=queue_id,
-            arrival=self.clock.seconds(),
-            sender=email.envelope_sender,
-            recipients=email.envelope_recipients,
-            account=account,
-            controls=email.controls,
-        )
+        prepared = self._prepared.pop(queue_id, None)
+        if prepared is None:
+            # Not prepared (a caller that skips that phase): store the parsed message.
+            envelope = Envelope(
+                queue_id=queue_id,
+                arrival=self.clock.seconds(),
+                sender=email.envelope_sender,
+                recipients=email.envelope_recipients,
+                account=account,
+                controls=email.controls,
+            )
+            prepared = envelope, self._write(envelope, email.raw)
+        envelope, written = prepared
 
-        def written(_: None) -> Queued:
+        def committed(_: None) -> Queued:
             self.runner.enqueue(envelope, email)
             return Queued(queue_id)
 
@@ -935,7 +958,8 @@ class QueueDeliverer:
             self.log.failure("cannot write message {queue_id} to the spool", failure, queue_id=queue_id)
             return NotQueued(replies.SPOOL_ERROR)
 
-        return self.commit.write(envelope, email.raw).addCallbacks(written, failed)
+        published = written.addCallback(lambda _: self.writer.commit(queue_id))
+        return published.addCallbacks(committed, failed)
 
 
 def _describe(envelope: Envelope, state: EntryState, status: str) -> dict[str, Any]:

@@ -837,12 +837,16 @@ class SMTPSession(ESMTP):
         # In flight from here to the verdict: the admission control sheds new
         # connections while too many messages wait, instead of failing these.
         self.admission.delivery_started()
+        # Queue mode starts writing the spool file now, in parallel with the parse;
+        # whatever the verdict, release() takes back what deliver() did not use.
+        self.deliverer.prepare(queue_id, raw, sender.address, tuple(recipients), account)
         pending = defer.maybeDeferred(
             self._deliver, queue_id, raw, sender.address, tuple(recipients), account, verdict
         )
-        return pending.addBoth(self._delivery_finished)
+        return pending.addBoth(self._delivery_finished, queue_id)
 
-    def _delivery_finished(self, result: Any) -> Any:
+    def _delivery_finished(self, result: Any, queue_id: str) -> Any:
+        self.deliverer.release(queue_id)
         self.admission.delivery_finished()
         return result
 

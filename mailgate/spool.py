@@ -53,6 +53,7 @@ import json
 import math
 import os
 import re
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,6 +62,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from mailgate import spoolfiles
 from mailgate.accounts.account import Account
 from mailgate.atomicfile import fsync_directory, write_atomically
 from mailgate.model import Controls
@@ -109,7 +111,10 @@ class Envelope:
     sender: str
     recipients: tuple[str, ...]
     account: Account
-    controls: Controls = field(default_factory=Controls)
+    # None: the stored message is as received, and parsing it gives the control
+    # values (mailgate.queue.QueueDeliverer); else the stored message is parsed
+    # already, control headers taken out, and these are its control values.
+    controls: Controls | None = field(default_factory=Controls)
 
     def to_json(self) -> bytes:
         account = self.account
@@ -128,7 +133,7 @@ class Envelope:
                 "defaults": dict(account.defaults),
                 "delivery_mode": account.delivery_mode,
             },
-            "controls": asdict(self.controls),
+            "controls": None if self.controls is None else asdict(self.controls),
         }
         return json.dumps(document, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
@@ -159,7 +164,9 @@ class Envelope:
                     defaults=MappingProxyType({_text(k): _text(v) for k, v in account["defaults"].items()}),
                     delivery_mode=account["delivery_mode"],
                 ),
-                controls=Controls(
+                controls=None
+                if controls is None
+                else Controls(
                     tags=tuple(_text(t) for t in controls["tags"]),
                     metadata=tuple((_text(k), _text(v)) for k, v in controls["metadata"]),
                     stream=controls["stream"],
@@ -312,19 +319,28 @@ class Spool:
             directory.mkdir(mode=0o700, exist_ok=True)
             os.chmod(directory, 0o700)
 
-    def lock(self) -> None:
+    def lock(self, wait: float = 0.0) -> None:
         """Take the queue lock for this process (released when it exits, even by kill -9).
 
         Raises SpoolLocked when another process holds it: two servers on one
-        queue would deliver every message twice.
+        queue would deliver every message twice.  The server's spool writer
+        process holds it too (:mod:`mailgate.spoolwriter`), so that a restarted
+        server cannot recover the spool while the writer of the one that died
+        still finishes its last batch; ``wait`` (seconds, blocking) gives it
+        that time.
         """
         self.create()
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + wait
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise SpoolLocked(f"{self.directory} is in use by another mailgate process") from None
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise SpoolLocked(f"{self.directory} is in use by another mailgate process") from None
+                    time.sleep(0.05)
         except BaseException:
             os.close(fd)
             raise
@@ -336,6 +352,11 @@ class Spool:
     def locked(self) -> bool:
         """This process holds the lock."""
         return self._lock_fd is not None
+
+    @property
+    def lock_descriptor(self) -> int | None:
+        """The descriptor holding the lock, for a child process to hold it too."""
+        return self._lock_fd
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
@@ -375,69 +396,27 @@ class Spool:
         """Store one message durably: temporary file, fsync, rename, fsync the directory.
 
         Only when this returns may the client hear 250.  On any error nothing is
-        left behind (a half-written temporary is removed) and OSError is raised.
-        Many messages at once: :meth:`write_file` each (in parallel), then one
-        :meth:`sync_directory` for all (see :class:`mailgate.queue.GroupCommit`).
+        left behind and OSError is raised.  The server writes its messages in two
+        phases instead (:mod:`mailgate.spoolwriter`); this is for the DSNs it
+        queues and for tests.
         """
-        self.write_file(envelope, raw)
-        try:
-            self.sync_directory()
-        except OSError:
-            self.discard(envelope.queue_id)
-            raise
+        (error,) = self.write_batch([(envelope, raw)])
+        if error is not None:
+            raise error
 
     def write_batch(self, items: list[tuple[Envelope, bytes]]) -> list[OSError | None]:
         """Store several messages with one directory fsync: per item None (durable)
-        or the OSError that kept it out.  If the directory fsync fails, every file
-        of the batch is taken back (:meth:`discard`) and gets that error."""
+        or the OSError that kept it out (:func:`mailgate.spoolfiles.publish_batch`)."""
         errors: list[OSError | None] = []
         for envelope, raw in items:
             try:
-                self.write_file(envelope, raw)
+                spoolfiles.prepare_file(self.tmp, self.message_path(envelope.queue_id).name, encode_entry(envelope, raw))
                 errors.append(None)
             except OSError as e:
                 errors.append(e)
-        if any(error is None for error in errors):
-            try:
-                self.sync_directory()
-            except OSError as e:
-                for index, (envelope, _) in enumerate(items):
-                    if errors[index] is None:
-                        self.discard(envelope.queue_id)
-                        errors[index] = e
-        return errors
-
-    def sync_directory(self) -> None:
-        """Make the renames done so far durable (one fsync of the messages directory)."""
-        fsync_directory(self.messages)
-
-    def discard(self, queue_id: str) -> None:
-        """Take back a message whose rename could not be made durable: it was never
-        acknowledged, so it must not be delivered after a restart either."""
-        self.message_path(queue_id).unlink(missing_ok=True)
-
-    def write_file(self, envelope: Envelope, raw: bytes) -> None:
-        """Write, fsync and rename one message file (not yet durable as a directory entry)."""
-        target = self.message_path(envelope.queue_id)
-        temporary = self.tmp / envelope.queue_id
-        data = encode_entry(envelope, raw)
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(temporary, target)
-        except BaseException:
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
-            raise
+        prepared = [envelope.queue_id for (envelope, _), error in zip(items, errors, strict=True) if error is None]
+        published = iter(spoolfiles.publish_batch(self.tmp, self.messages, prepared))
+        return [next(published) if error is None else error for error in errors]
 
     def load(self, queue_id: str) -> tuple[Envelope, bytes]:
         """Read and verify one message; raises CorruptEntry or OSError (FileNotFoundError)."""

@@ -122,6 +122,14 @@ class FakeDeliverer:
     def __init__(self, outcome: Any = DEFAULT_OUTCOME) -> None:
         self.outcome = outcome
         self.calls: list[DeliveryCall] = []
+        self.prepared: list[tuple[str, bytes]] = []  # (queue id, raw) per prepare call
+        self.released: list[str] = []
+
+    def prepare(self, queue_id: str, raw: bytes, sender: str, recipients: Any, account: Any) -> None:
+        self.prepared.append((queue_id, raw))
+
+    def release(self, queue_id: str) -> None:
+        self.released.append(queue_id)
 
     def deliver(self, email: Any, account: Any, queue_id: str) -> defer.Deferred[Any]:
         d: defer.Deferred[Any] = defer.Deferred()

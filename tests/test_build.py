@@ -81,14 +81,16 @@ def test_accounts_checked_against_providers(tmp_path: Path, account: Account, me
     check_accounts(file_config(tmp_path), Listing(Account(name="ok", route=("main",), provider_settings={"main": {"token": "t"}})))
 
 
-def test_second_server_on_one_state_dir_is_refused(tmp_path: Path) -> None:
+def test_second_server_on_one_state_dir_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two servers delivering one queue would send every message twice: the second
-    stops at start-up with one line naming the state directory."""
+    stops at start-up (after waiting SPOOL_LOCK_WAIT) with one line naming the state directory."""
     from twisted.internet.task import Clock
 
+    from mailgate import build
     from mailgate.build import build_queue
     from mailgate.dispatch import Dispatcher
 
+    monkeypatch.setattr(build, "SPOOL_LOCK_WAIT", 0.2)
     config = file_config(tmp_path)
     config.server.state_dir.mkdir()
     dispatcher = Dispatcher({}, (), Clock())
@@ -98,3 +100,39 @@ def test_second_server_on_one_state_dir_is_refused(tmp_path: Path) -> None:
             build_queue(config, Clock(), dispatcher)
     finally:
         spool.unlock()
+
+
+def test_start_up_waits_for_the_spool_writer_of_a_server_that_died(tmp_path: Path) -> None:
+    """The spool writer process of a killed server holds the spool lock until it has
+    finished its last batch: a new server waits for it, then starts."""
+    import subprocess
+    import sys
+    import time
+
+    from twisted.internet.task import Clock
+
+    from mailgate.build import build_queue
+    from mailgate.dispatch import Dispatcher
+
+    config = file_config(tmp_path)
+    (config.server.state_dir / "queue").mkdir(parents=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(0.5)",
+            str(config.server.state_dir / "queue" / "lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        started = time.monotonic()
+        spool, _, _ = build_queue(config, Clock(), Dispatcher({}, (), Clock()))
+        assert spool.locked and time.monotonic() - started >= 0.2
+        spool.unlock()
+    finally:
+        holder.wait(10)
+        holder.stdout.close()

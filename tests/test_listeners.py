@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.error import ProcessDone
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
@@ -37,8 +38,36 @@ class InlinePool:
             on_result(True, result)
 
 
-class PoolReactor(MemoryReactorClock):
-    """A MemoryReactorClock with a thread pool (the readiness probe's disk work goes there)."""
+class StubProcess:
+    """Stands in for the spool writer process: takes requests, ends when its input closes."""
+
+    pid = 0
+
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self)
+
+    def write(self, data: bytes) -> None:
+        raise AssertionError("no message is spooled in these tests")
+
+    def closeStdin(self) -> None:
+        self.protocol.processEnded(Failure(ProcessDone(0)))
+
+
+class ProcessReactor(MemoryReactorClock):
+    """A MemoryReactorClock that records processes instead of starting them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[list[str]] = []
+
+    def spawnProcess(self, protocol: Any, executable: str, args: Any = (), *more: Any, **options: Any) -> StubProcess:
+        self.spawned.append(list(args))
+        return StubProcess(protocol)
+
+
+class PoolReactor(ProcessReactor):
+    """A ProcessReactor with a thread pool (the readiness probe's disk work goes there)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -114,12 +143,14 @@ def test_readiness_follows_the_listeners(tmp_path: Path) -> None:
 
 def test_admin_listener_is_wired_when_configured(tmp_path: Path) -> None:
     """[admin] endpoint adds one more listening service; without it there is none."""
-    reactor = MemoryReactorClock()
+    reactor = ProcessReactor()
     with_admin = config(tmp_path, admin={"endpoint": "tcp:9025:interface=127.0.0.1"})
     build_service(with_admin, reactor, None, store=MemoryAccountStore({})).startService()
     assert [(port, interface) for port, _, _, interface in reactor.tcpServers][-1] == (9025, "127.0.0.1")
     assert len(reactor.tcpServers) == 4
-    plain = MemoryReactorClock()
+    [writer] = reactor.spawned  # the spool writer process, on this server's spool
+    assert writer[-2:] == [str(tmp_path / "state" / "queue" / "tmp"), str(tmp_path / "state" / "queue" / "messages")]
+    plain = ProcessReactor()
     # Its own state directory: the first server, still running, holds the queue lock of its own.
     other_state = {"hostname": "mx.test", "state_dir": str(tmp_path / "state2")}
     build_service(config(tmp_path, server=other_state), plain, None, store=MemoryAccountStore({})).startService()
@@ -129,13 +160,13 @@ def test_admin_listener_is_wired_when_configured(tmp_path: Path) -> None:
 def test_bad_admin_endpoint_names_the_key(tmp_path: Path) -> None:
     """An admin endpoint Twisted cannot parse stops start-up naming admin.endpoint."""
     with pytest.raises(ConfigError, match=r"^admin\.endpoint: invalid endpoint string"):
-        build_service(config(tmp_path, admin={"endpoint": "tcp:nine"}), MemoryReactorClock(), None, store=MemoryAccountStore({}))
+        build_service(config(tmp_path, admin={"endpoint": "tcp:nine"}), ProcessReactor(), None, store=MemoryAccountStore({}))
 
 
 def test_routes_check_follows_the_circuit_breakers(tmp_path: Path) -> None:
     """The routes check fails while every provider of the default route has its circuit
     open (or none is configured), and passes again once a probe may go through."""
-    reactor = MemoryReactorClock()
+    reactor = ProcessReactor()
     service = build_service(config(tmp_path), reactor, None, store=MemoryAccountStore({}))
     dispatcher = service.dispatcher
     assert service.readiness["routes"]()
@@ -152,7 +183,7 @@ def test_routes_check_follows_the_circuit_breakers(tmp_path: Path) -> None:
 def test_reload_keeps_breakers_and_gates_of_unchanged_providers(tmp_path: Path) -> None:
     """A reload keeps a provider's open circuit and its in-flight count when its limits and
     circuit policy are unchanged, and starts afresh for a changed or new provider."""
-    reactor = MemoryReactorClock()
+    reactor = ProcessReactor()
     service = build_service(config(tmp_path), reactor, None, store=MemoryAccountStore({}))
     dispatcher = service.dispatcher
     breaker, gate = dispatcher.breakers["main"], dispatcher.gates["main"]

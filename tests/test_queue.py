@@ -17,6 +17,7 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from mailgate import spoolfiles
 from mailgate.accounts.account import Account
 from mailgate.dispatch import Dispatcher, Route
 from mailgate.interfaces import IDeliverer, ITransport
@@ -24,9 +25,10 @@ from mailgate.message import parse_message
 from mailgate.outcome import Failed
 from mailgate.providers.base import HTTPRequest, HTTPResponse
 from mailgate.providers.webhook import WebhookProvider
-from mailgate.queue import GroupCommit, Queued, QueueDeliverer, QueueRunner, undelivered_recipients
+from mailgate.queue import Queued, QueueDeliverer, QueueRunner, undelivered_recipients
 from mailgate.retry import RetryPolicy
 from mailgate.spool import EntryState, Envelope, JournalRecord, Spool
+from mailgate.spoolwriter import ThreadSpoolWriter
 from tests.test_dispatch import PerRecipient as PerRecipientProvider
 
 RAW = (
@@ -115,9 +117,19 @@ class Harness:
         self.runner.startService()
 
     def accept(self, sender: str = "app@example.com", recipients: tuple[str, ...] = ("b@example.org",),
-               account: Account = ACCOUNT, queue_id: str = "AAAAAAAAAAAAAAAAAAAAAA") -> Any:
-        email = parse_message(RAW, sender, recipients, account.defaults)
-        return self.deliverer.deliver(email, account, queue_id).result
+               account: Account = ACCOUNT, queue_id: str = "AAAAAAAAAAAAAAAAAAAAAA", raw: bytes = RAW,
+               prepare: bool = True) -> Any:
+        """What the SMTP session does at the final dot: prepare (the spool file is
+        written while the message is parsed), parse, deliver, release.  With
+        ``prepare=False`` the deliverer stores the parsed message instead (the
+        format of entries written before the two phases)."""
+        if prepare:
+            self.deliverer.prepare(queue_id, raw, sender, recipients, account)
+        email = parse_message(raw, sender, recipients, account.defaults)
+        try:
+            return self.deliverer.deliver(email, account, queue_id).result
+        finally:
+            self.deliverer.release(queue_id)
 
     def restart(self) -> Harness:
         """Stop this runner (as at shutdown) and start a new one on the same spool."""
@@ -197,15 +209,33 @@ def test_spool_write_failure_is_never_250(harness: Any, monkeypatch: pytest.Monk
     def fail(*args: Any) -> None:
         raise OSError(error, "injected")
 
-    monkeypatch.setattr(h.spool, "write_file", fail)
+    monkeypatch.setattr(spoolfiles, "prepare_file", fail)
     outcome = h.accept()
     assert str(outcome.reply()).startswith(reply)
     assert transport.sent == [] and h.runner.snapshot()["depth_by_state"]["queued"] == 0
     assert len(logged_errors.take()) == 1
 
 
+def test_failed_directory_fsync_is_never_250(harness: Any, monkeypatch: pytest.MonkeyPatch, logged_errors: Any) -> None:
+    """The file is written but its rename cannot be made durable: 451, and the
+    renamed file is taken back, so a restart does not deliver what the client
+    was told to send again."""
+    transport = ScriptedTransport()
+    h = harness(p1=transport)
+
+    def fail(directory: Any) -> None:
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(spoolfiles, "fsync_directory", fail)
+    outcome = h.accept()
+    assert str(outcome.reply()).startswith("451 4.3.0")
+    assert h.spool.ids() == [] and list(h.spool.tmp.iterdir()) == []
+    assert transport.sent == []
+    assert len(logged_errors.take()) == 1
+
+
 def test_concurrent_messages_share_spool_commits(tmp_path: Path) -> None:
-    """Up to ``parallel`` batches are written at once; messages arriving meanwhile
+    """Up to ``parallel`` batches are published at once; commits arriving meanwhile
     wait and go together in the next batch (one thread hand-off and one directory
     fsync for all), each answered on its own, a failure only for its own message."""
     spool = Spool(tmp_path / "queue")
@@ -217,20 +247,72 @@ def test_concurrent_messages_share_spool_commits(tmp_path: Path) -> None:
         calls.append((f, args, d))
         return d
 
-    commit = GroupCommit(spool, in_thread, parallel=2)
-    envelopes = [Envelope(letter * 22, 0.0, "a@example.com", ("b@example.org",), ACCOUNT) for letter in "ABCDE"]
-    results = [commit.write(envelope, RAW) for envelope in envelopes]
-    assert [len(args[0]) for _, args, _ in calls] == [1, 1]  # A and B at once; C, D, E wait
-    f, args, d = calls[0]
-    d.callback(f(*args))
+    writer = ThreadSpoolWriter(spool, in_thread, parallel=2)
+    names = [letter * 22 for letter in "ABCDE"]
+    results = [writer.commit(name) for name in names]
+    assert [args[2] for _, args, _ in calls] == [["A" * 22], ["B" * 22]]  # A and B at once; C, D, E wait
+    calls[0][2].callback([None])
     assert results[0].called and not results[2].called
-    assert [len(args[0]) for _, args, _ in calls] == [1, 1, 3]  # C, D, E together
+    assert [args[2] for _, args, _ in calls][2] == ["C" * 22, "D" * 22, "E" * 22]  # together
     calls[2][2].callback([None, OSError(errno.ENOSPC, "full"), None])
     assert results[2].called and results[4].called
     failure = results[3].result
     results[3].addErrback(lambda _: None)
     assert failure.value.errno == errno.ENOSPC
     assert not results[1].called
+
+
+def rfc822_headers(payload: dict[str, Any]) -> str:
+    """The original headers a DSN quotes, as the webhook carried them."""
+    [part] = [a for a in payload["attachments"] if a["content_type"] == "text/rfc822-headers"]
+    return base64.b64decode(part["content_base64"]).decode()
+
+
+def test_message_is_stored_as_received_and_parsed_again_the_same_way(harness: Any) -> None:
+    """The spool keeps the message as the client sent it (written while the session
+    parsed it).  After a restart it is parsed again exactly as at acceptance: the
+    retry carries the same request, control headers and Bcc still taken out, the
+    account's defaults applied; a DSN quotes the headers without them too."""
+    raw = RAW.replace(
+        b"X-Mailgate-Tag: welcome\r\n", b"X-Mailgate-Tag: promo\r\nBcc: hidden@example.org\r\nX-Campaign: 7\r\n"
+    )
+    account = Account(name="alice", route=("p1",), defaults={"X-Mailgate-Metadata-plan": "gold"})
+    transport = ScriptedTransport(status(503), status(400))
+    h = harness(p1=transport)
+    h.accept(raw=raw, recipients=("b@example.org", "hidden@example.org"), account=account)
+    envelope, stored = h.spool.load("AAAAAAAAAAAAAAAAAAAAAA")
+    assert stored == raw and envelope.controls is None
+    h = h.restart()
+    h.clock.advance(60)
+    first, again = transport.payloads()[:2]
+    assert again == first
+    assert again["controls"]["tags"] == ["promo"] and again["controls"]["metadata"] == {"plan": "gold"}
+    assert again["envelope"]["rcpt_to"] == ["b@example.org", "hidden@example.org"]
+    assert [bcc["address"] for bcc in again["bcc"]] == ["hidden@example.org"]
+    forwarded = {header["name"].lower() for header in again["headers"]}
+    assert forwarded == {"x-campaign"}  # neither the control header nor Bcc
+    [bounce] = transport.payloads()[2:]
+    quoted = rfc822_headers(bounce)
+    assert "Subject: hello" in quoted and "Bcc" not in quoted and "X-Mailgate-Tag" not in quoted
+
+
+@pytest.mark.parametrize("refused_by", ["deliverer", "session"])
+def test_prepared_message_refused_after_all_leaves_nothing(harness: Any, refused_by: str) -> None:
+    """A message whose file was prepared, then refused (by the route, or by the
+    session: From not allowed, client gone) leaves no file, and nothing is
+    delivered, after a restart either."""
+    transport = ScriptedTransport()
+    h = harness(p1=transport)
+    if refused_by == "deliverer":
+        h.deliverer.refusal = lambda email, account: Failed("p1", "attachments are not supported", 554, "5.6.0")
+        assert isinstance(h.accept(), Failed)
+    else:
+        h.deliverer.prepare("AAAAAAAAAAAAAAAAAAAAAA", RAW, "app@example.com", ("b@example.org",), ACCOUNT)
+        h.deliverer.release("AAAAAAAAAAAAAAAAAAAAAA")
+    assert list(h.spool.tmp.iterdir()) == [] and h.spool.ids() == []
+    h = h.restart()
+    h.clock.advance(3600)
+    assert transport.sent == [] and h.events.emitted == []
 
 
 def test_message_no_provider_can_carry_is_refused_at_data(harness: Any) -> None:
@@ -342,11 +424,15 @@ def test_outage_longer_than_the_lifetime_gives_up_with_a_dsn(harness: Any) -> No
     assert h.spool.ids() == []
 
 
-def test_recovery_after_restart_delivers_and_honours_the_saved_schedule(harness: Any) -> None:
-    """A deferred message survives a restart and is retried at its saved time."""
+@pytest.mark.parametrize("prepare", [True, False], ids=["stored-as-received", "stored-parsed"])
+def test_recovery_after_restart_delivers_and_honours_the_saved_schedule(harness: Any, prepare: bool) -> None:
+    """A deferred message survives a restart and is retried at its saved time, with
+    its control values: parsed again from the message stored as received, or (an
+    entry stored parsed, by an earlier version) from the envelope."""
     transport = ScriptedTransport(status(503))
     h = harness(p1=transport)
-    h.accept()
+    h.accept(prepare=prepare)
+    assert (h.spool.load("AAAAAAAAAAAAAAAAAAAAAA")[0].controls is None) is prepare
     h = h.restart()
     assert h.runner.snapshot()["depth_by_state"]["deferred"] == 1
     h.clock.advance(59)
@@ -354,7 +440,7 @@ def test_recovery_after_restart_delivers_and_honours_the_saved_schedule(harness:
     h.clock.advance(1)
     assert len(transport.sent) == 2 and h.spool.ids() == []
     assert h.events.kinds() == ["delivered"]
-    assert transport.payloads()[1]["controls"]["tags"] == ["welcome"]  # controls come back from the envelope
+    assert transport.payloads()[1]["controls"]["tags"] == ["welcome"]
 
 
 def test_journal_keeps_delivered_recipients_from_being_sent_again(harness: Any) -> None:

@@ -17,6 +17,7 @@ from mailgate.outcome import Delivered, Failed, Retry
 from tests.smtp_helpers import (
     ALICE,
     BOB,
+    DEFAULT_OUTCOME,
     MESSAGE,
     FakeDeliverer,
     authed_client,
@@ -65,6 +66,33 @@ def test_received_header_prepended_without_recipients():
     assert b"by mx.test (mailgate) with ESMTPSA id " + call.queue_id.encode() + b";" in trace
     assert b"bob@example.net" not in trace and b"hidden-bcc" not in trace and b" for " not in trace
     assert raw.endswith(MESSAGE)
+
+
+def test_message_is_prepared_before_the_parse_and_released_after_the_verdict():
+    """The deliverer sees the message as received (Received header included, not
+    yet parsed) before deliver(), and is released once the final dot is answered."""
+    client = authed_client(deliverer=FakeDeliverer(outcome=None))
+    client.transaction()
+    client.send(stuff(MESSAGE) + b".\r\n")
+    [(queue_id, raw)] = client.deliverer.prepared
+    [call] = client.deliverer.calls
+    assert queue_id == call.queue_id and raw == call.email.raw
+    assert raw.startswith(b"Received: ") and raw.endswith(MESSAGE)
+    assert client.deliverer.released == []  # the verdict is not in yet
+    call.deferred.callback(DEFAULT_OUTCOME)
+    assert client.replies() == [OK]
+    assert client.deliverer.released == [queue_id]
+
+
+def test_a_message_refused_after_the_parse_is_released_undelivered():
+    """A prepared message refused after the parse (here its From: is not allowed)
+    is never delivered, and released all the same."""
+    client = authed_client("bob")
+    body = b"From: ceo@bank.example\r\nSubject: x\r\n\r\nhi\r\n"
+    assert client.message(body, sender="bob@example.com")[0].startswith("550 5.7.1")
+    assert client.deliverer.calls == []
+    [(queue_id, _)] = client.deliverer.prepared
+    assert client.deliverer.released == [queue_id]
 
 
 def test_received_header_names_an_ipv6_client_as_an_address_literal():
@@ -446,6 +474,8 @@ def test_unparsable_message():
         f"554 5.6.0 Message could not be parsed: MIME parts nested deeper than {MAX_DEPTH} levels"
     ]
     assert client.deliverer.calls == []
+    [(refused, _)] = client.deliverer.prepared
+    assert client.deliverer.released == [refused]  # what was prepared is taken back
     assert client.message() == [OK]
 
 

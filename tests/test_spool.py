@@ -11,6 +11,7 @@ from types import MappingProxyType
 
 import pytest
 
+from mailgate import spoolfiles
 from mailgate.accounts.account import Account
 from mailgate.ids import new_queue_id
 from mailgate.model import Controls
@@ -117,12 +118,10 @@ def test_failed_write_leaves_nothing_behind(spool: Spool, monkeypatch: pytest.Mo
 def test_failed_directory_fsync_keeps_nothing(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     """If the rename cannot be made durable the message is not acknowledged, and it
     does not stay in the queue either (a restart must not deliver what got no 250)."""
-    import mailgate.spool as spool_module
-
     def failing(directory: Path) -> None:
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(spool_module, "fsync_directory", failing)
+    monkeypatch.setattr(spoolfiles, "fsync_directory", failing)
     with pytest.raises(OSError):
         spool.write(envelope(), RAW)
     assert spool.ids() == [] and os.listdir(spool.tmp) == []
@@ -131,12 +130,10 @@ def test_failed_directory_fsync_keeps_nothing(spool: Spool, monkeypatch: pytest.
 def test_batch_with_a_failed_directory_fsync_keeps_nothing(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch whose renames cannot be made durable is taken back whole, each item
     getting the error."""
-    import mailgate.spool as spool_module
-
     def failing(directory: Path) -> None:
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(spool_module, "fsync_directory", failing)
+    monkeypatch.setattr(spoolfiles, "fsync_directory", failing)
     errors = spool.write_batch([(envelope(), RAW), (envelope(), RAW)])
     assert [e.errno for e in errors if e is not None] == [errno.EIO, errno.EIO]
     assert spool.ids() == [] and os.listdir(spool.tmp) == []

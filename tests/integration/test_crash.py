@@ -141,6 +141,11 @@ async def test_kill_9_never_loses_an_acknowledged_message(tmp_path: Path) -> Non
         for round_number in range(ROUNDS):
             server = Server(config, tmp_path / f"round-{round_number}.log")
             port = await threads.deferToThread(server.wait_for_port)
+            if round_number == 0:  # the server runs its spool writer process (see the end)
+                deadline = time.monotonic() + 10
+                while not writer_processes(tmp_path) and time.monotonic() < deadline:
+                    await sleep(0.05)
+                assert len(writer_processes(tmp_path)) == 1
             stop = threading.Event()
             clients = [threads.deferToThread(stream, port, numbers, acknowledged, stop) for _ in range(2)]
             await sleep(chance.uniform(0.05, 0.8))
@@ -156,6 +161,11 @@ async def test_kill_9_never_loses_an_acknowledged_message(tmp_path: Path) -> Non
         while not acknowledged <= delivered_numbers(api) and time.monotonic() < deadline:
             await sleep(0.1)
         assert server.stop(signal.SIGTERM) == -signal.SIGTERM
+        # No spool writer process outlived its server (each saw its pipe close).
+        deadline = time.monotonic() + 10
+        while writer_processes(tmp_path) and time.monotonic() < deadline:
+            await sleep(0.1)
+        assert writer_processes(tmp_path) == []
     finally:
         await api.stop()
 
@@ -167,6 +177,23 @@ async def test_kill_9_never_loses_an_acknowledged_message(tmp_path: Path) -> Non
     assert all(len(k) == 1 for k in keys.values()), {n: k for n, k in keys.items() if len(k) > 1}
     assert os.listdir(tmp_path / "state" / "queue" / "corrupt") == []
     assert "Traceback" not in (tmp_path / "final.log").read_text()
+
+
+def writer_processes(directory: Path) -> list[int]:
+    """Live (not zombie) spool writer processes working on ``directory``'s spool."""
+    marker = str(directory / "state" / "queue" / "tmp").encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue  # gone meanwhile
+        if b"mailgate.spoolchild" in command and marker in command and state != "Z":
+            found.append(int(entry.name))
+    return found
 
 
 def delivered_numbers(api: FakeEmailAPI) -> set[int]:
@@ -254,5 +281,10 @@ async def test_sigterm_finishes_data_and_refuses_the_rest(tmp_path: Path) -> Non
         while delivered_numbers(api) != {1}:
             await api.next_request()
         assert server.stop(signal.SIGTERM) == -signal.SIGTERM
+        # No spool writer process outlived its server (each saw its pipe close).
+        deadline = time.monotonic() + 10
+        while writer_processes(tmp_path) and time.monotonic() < deadline:
+            await sleep(0.1)
+        assert writer_processes(tmp_path) == []
     finally:
         await api.stop()

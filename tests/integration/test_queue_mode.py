@@ -4,10 +4,10 @@ timeout, a 400), a full disk at DATA."""
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -123,19 +123,43 @@ async def test_rejection_after_acceptance_bounces_to_the_sender(queue_gateway: A
     assert api.requests[1].headers["idempotency-key"] != api.requests[0].headers["idempotency-key"]
 
 
+def python_with_a_full_disk(directory: Path) -> str:
+    """A stand-in for the Python the spool writer process runs on: the same
+    program, but every fsync fails with ENOSPC, where a full disk shows up for
+    data the kernel had buffered."""
+    script = directory / "python-with-a-full-disk"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import errno, os, sys\n"
+        "def full(fd):\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "os.fsync = full\n"
+        "code = sys.argv[3]  # [-I, -c, code, arguments...]\n"
+        "sys.argv = ['-c', *sys.argv[4:]]\n"
+        "exec(code)\n"
+    )
+    script.chmod(0o755)
+    return str(script)
+
+
+async def restart_spool_writer(gateway: Any, python: str) -> None:
+    writer = gateway.service.spool_writer
+    await writer.stopService()
+    writer.python = python
+    writer.startService()
+
+
 @pytest_twisted.ensureDeferred
-async def test_disk_full_at_data_is_452_never_250(queue_gateway: Any, monkeypatch: pytest.MonkeyPatch, logged_errors: Any) -> None:
-    """ENOSPC while spooling (here from fsync, where a full disk shows up for data
-    the kernel had buffered) answers 452 4.3.1; no file is left behind and nothing
-    reaches the API; once there is space again the same message is accepted."""
+async def test_disk_full_at_data_is_452_never_250(queue_gateway: Any, tmp_path: Path, logged_errors: Any) -> None:
+    """ENOSPC while spooling (from fsync in the spool writer process) answers
+    452 4.3.1; no file is left behind and nothing reaches the API; once there is
+    space again the same message is accepted."""
     spool = queue_gateway.service.queue.spool
-
-    def full(fd: int) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(os, "fsync", full)
+    await restart_spool_writer(queue_gateway, python_with_a_full_disk(tmp_path))
+    try:
         result = await send(queue_gateway)
+    finally:
+        await restart_spool_writer(queue_gateway, sys.executable)
     assert (result.code, result.text) == (452, "4.3.1 Insufficient system storage")
     assert spool.ids() == [] and os.listdir(spool.tmp) == [] and queue_gateway.api.requests == []
     assert "No space left on device" in json.dumps([e.get("error") for e in logged_errors.take()])
