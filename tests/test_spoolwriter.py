@@ -278,6 +278,7 @@ async def test_the_process_holds_the_spool_lock_while_it_lives(spool: Spool) -> 
     spool.lock()
     writer = ProcessSpoolWriter(spool, reactor)
     writer.startService()
+    await writer.prepare(NAME, b"entry")  # answered: the process runs its program (fork and exec are over)
     spool.unlock()  # the server is gone; its writer is not
     try:
         assert Spool(spool.directory).locked_by_other()
