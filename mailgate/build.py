@@ -321,6 +321,7 @@ def build_queue(
         pass  # No state directory yet: the queue opens it when it appears (QueueRunner).
     queue = config.queue
     run_in_thread = in_thread_pool(reactor)
+    writer = ProcessSpoolWriter(spool, reactor)
     runner = QueueRunner(
         spool,
         dispatcher,
@@ -334,15 +335,9 @@ def build_queue(
         events=events,
         max_in_flight=queue.max_in_flight,
         shutdown_grace=config.server.shutdown_grace,
+        writer=writer,
     )
-    deliverer = QueueDeliverer(
-        spool,
-        runner,
-        reactor,
-        refusal=dispatcher.refusal,
-        run_in_thread=run_in_thread,
-        writer=ProcessSpoolWriter(spool, reactor),
-    )
+    deliverer = QueueDeliverer(spool, runner, reactor, refusal=dispatcher.refusal, run_in_thread=run_in_thread)
     return spool, runner, deliverer
 
 

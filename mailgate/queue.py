@@ -2,7 +2,8 @@
 
 :class:`QueueDeliverer` is the :class:`~mailgate.interfaces.IDeliverer` the SMTP
 session uses in queue mode: it writes the message durably
-(:mod:`mailgate.spool`) and answers ``250 2.0.0 Ok: queued as <id>``; a failed
+(:mod:`mailgate.spool`, through the spool writer process of
+:mod:`mailgate.spoolwriter`) and answers ``250 2.0.0 Ok: queued as <id>``; a failed
 write answers ``452 4.3.1`` (disk full) or ``451 4.3.0``, never 250
 (ARCHITECTURE.md §3, §4).
 
@@ -156,8 +157,11 @@ class QueueRunner(Service):
         max_in_flight: int = 32,
         shutdown_grace: float = 30.0,
         random: Callable[[], float] = random_module.random,
+        writer: ThreadSpoolWriter | ProcessSpoolWriter | None = None,
     ):
         self.spool = spool
+        # Shared with QueueDeliverer: messages in, delivered messages out.
+        self.writer = writer if writer is not None else ThreadSpoolWriter(spool, run_in_thread)
         self.dispatcher = dispatcher
         self.clock = clock
         self.policy = policy
@@ -179,8 +183,6 @@ class QueueRunner(Service):
         self._closed_logged = False
         self._on_open: list[Callable[[], None]] = []
         self._open_waiters: list[defer.Deferred[bool]] = []
-        self._removals: list[str] = []
-        self._removing = False
 
     # -- service ----------------------------------------------------------------
 
@@ -592,24 +594,15 @@ class QueueRunner(Service):
 
     async def _remove(self, entry: _Entry) -> None:
         """Remove an entry's files.  The common case (delivered at the first attempt,
-        one file) is batched with other removals: one thread hand-off for many
-        unlinks, none of them on the reactor thread."""
+        one file) goes to the spool writer, with no thread hand-off and no wait."""
         if not entry.extra_files:
-            self._removals.append(entry.queue_id)
-            if not self._removing:
-                self._remove_batch()
+            self.writer.remove(entry.queue_id)
             return
         try:
             await self.run_in_thread(self.spool.remove, entry.queue_id)
         except OSError as e:
             # It would be delivered again after a restart (same idempotency key).
             self.log.error("queue: cannot remove {queue_id} from the spool: {error}", queue_id=entry.queue_id, error=str(e))
-
-    def _remove_batch(self, _: Any = None) -> None:
-        batch, self._removals = self._removals, []
-        self._removing = bool(batch)
-        if batch:
-            self.run_in_thread(self.spool.remove_many, batch).addBoth(self._remove_batch)
 
     def _parse(self, envelope: Envelope, raw: bytes) -> Any:
         """Parse a stored message again.
@@ -890,7 +883,7 @@ class QueueDeliverer:
         self.clock = clock
         self.refusal = refusal
         self.run_in_thread = run_in_thread
-        self.writer = writer if writer is not None else ThreadSpoolWriter(spool, run_in_thread)
+        self.writer = writer if writer is not None else runner.writer
         self._prepared: dict[str, tuple[Envelope, defer.Deferred[None]]] = {}
 
     def prepare(
@@ -906,7 +899,8 @@ class QueueDeliverer:
             account=account,
             controls=None,
         )
-        self._prepared[queue_id] = (envelope, self._write(envelope, raw))
+        # A failure (even a bug) is kept for deliver(), which answers it with 451.
+        self._prepared[queue_id] = (envelope, defer.maybeDeferred(self._write, envelope, raw))
 
     def release(self, queue_id: str) -> None:
         prepared = self._prepared.pop(queue_id, None)

@@ -7,9 +7,12 @@ power failure after the reply loses the message.
 
 Layout under ``<state_dir>/queue`` (directories 0700, files 0600)::
 
-    lock            held (flock) by the running server; the queue CLI checks it
+    lock            held (flock) by the running server and its spool writer process;
+                    the queue CLI checks it
     control.sock    the running server's control socket (mailgate.queuecontrol)
-    tmp/            files being written; leftovers are removed at start-up
+    tmp/            files being written (mailgate.spoolfiles: prepared while the
+                    message is parsed, renamed into messages/ once accepted);
+                    leftovers are removed at start-up
     messages/ID     one message: envelope and content, checksummed, never changed
     messages/ID.state    retry state (attempts, next attempt, last error), replaced atomically
     messages/ID.journal  requests the API already accepted (one JSON line each, fsynced)
@@ -24,7 +27,10 @@ A message file is::
 
 The envelope is JSON, never pickle: reading a spool file must not be able to
 run code.  It holds the sender, recipients, arrival time, the message's
-control-header values and a snapshot of the account that accepted it,
+control-header values (``null``: the message is stored as received, control
+headers included, and parsing it again gives them; written parsed, with the
+control headers taken out, by earlier versions and for DSNs) and a snapshot of
+the account that accepted it,
 including the account's provider settings.  For ``passthrough`` accounts those
 settings are the client's API credentials (the SMTP login): the server needs
 them after a restart and has no other place to get them from.  That is why

@@ -14,7 +14,7 @@ The protocol on stdin/stdout, one frame per request::
 
 ``P`` prepares ``tmp/<name>`` with ``data``; ``C`` publishes it (rename, then
 one directory fsync for every ``C`` read in the same batch); ``D`` discards
-it.  Every request gets one reply, in the order the work finishes.  End of
+it; ``R`` removes ``messages/<name>`` once the message is delivered.  Every request gets one reply, in the order the work finishes.  End of
 input (the server closed the pipe, or died) ends the process once the requests
 already read are done.  Only the standard library and
 :mod:`mailgate.spoolfiles` are imported, so the process starts in milliseconds.
@@ -30,8 +30,8 @@ from collections.abc import Callable
 
 from mailgate import spoolfiles
 
-PREPARE, PUBLISH, DISCARD = b"P", b"C", b"D"
-OPS = (PREPARE, PUBLISH, DISCARD)
+PREPARE, PUBLISH, DISCARD, REMOVE = b"P", b"C", b"D", b"R"
+OPS = (PREPARE, PUBLISH, DISCARD, REMOVE)
 _REQUEST = struct.Struct(">cBI")
 _REPLY = struct.Struct(">cBi")
 MAX_NAME = 64  # queue ids are 26 characters; anything else is a protocol error
@@ -100,6 +100,12 @@ def handle(tmp: str, messages: str, requests: list[tuple[bytes, str, bytes]], re
         elif op == DISCARD:
             spoolfiles.discard_file(tmp, name)
             reply(encode_reply(op, name, 0))
+        elif op == REMOVE:
+            try:
+                spoolfiles.remove_message(messages, name)
+                reply(encode_reply(op, name, 0))
+            except OSError as e:
+                reply(encode_reply(op, name, _errno(e)))
         else:
             publish.append(name)
     if publish:

@@ -77,6 +77,17 @@ def publish_batch(tmp: str | os.PathLike[str], messages: str | os.PathLike[str],
     return errors
 
 
+def remove_message(messages: str | os.PathLike[str], name: str) -> None:
+    """Remove a delivered message's file (one with no state or journal file).
+
+    Not fsynced: should the removal be lost in a crash, the message is delivered
+    again after the restart, with the same idempotency key (at least once)."""
+    try:
+        os.unlink(os.path.join(messages, name))
+    except FileNotFoundError:
+        pass
+
+
 def discard_file(tmp: str | os.PathLike[str], name: str) -> None:
     """Remove a prepared file that will not be published (the message was refused)."""
     _unlink(os.path.join(tmp, name))

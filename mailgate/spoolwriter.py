@@ -6,7 +6,9 @@ Both writers offer the same three calls, each for one queue id:
   final dot is read, in parallel with the parse and the checks;
 * ``commit(name)``: publish it (rename into ``messages/``, fsync the directory,
   grouped with other commits); fires when the client may hear 250;
-* ``discard(name)``: the message was refused after all; remove the prepared file.
+* ``discard(name)``: the message was refused after all; remove the prepared file;
+* ``remove(name)``: the message was delivered; remove its file (a message with
+  no state or journal file: the queue's common case).
 
 ``prepare`` and ``commit`` return Deferreds that fail with OSError when the
 message is not durable (:func:`mailgate.spoolfiles.publish_batch`).
@@ -35,7 +37,7 @@ from twisted.python.failure import Failure
 
 from mailgate import spoolfiles
 from mailgate.spool import Spool
-from mailgate.spoolchild import DISCARD, PREPARE, PUBLISH, decode_replies, encode_request
+from mailgate.spoolchild import DISCARD, PREPARE, PUBLISH, REMOVE, decode_replies, encode_request
 
 # Run the child from the same source tree as the server, whatever sys.path the
 # child would have: -I ignores PYTHON* variables and the user's site directory.
@@ -61,6 +63,8 @@ class ThreadSpoolWriter:
         self.parallel = parallel
         self._waiting: list[tuple[str, defer.Deferred[None]]] = []
         self._batches = 0
+        self._removals: list[str] = []
+        self._removing = False
 
     def prepare(self, name: str, data: bytes) -> defer.Deferred[None]:
         return self.run_in_thread(spoolfiles.prepare_file, self.spool.tmp, name, data)
@@ -76,6 +80,18 @@ class ThreadSpoolWriter:
         self.run_in_thread(spoolfiles.discard_file, self.spool.tmp, name).addErrback(
             lambda f: self.log.failure("cannot discard the prepared message {name}", f, name=name)
         )
+
+    def remove(self, name: str) -> None:
+        """Batched: one thread hand-off for the removals that queued up meanwhile."""
+        self._removals.append(name)
+        if not self._removing:
+            self._remove_batch()
+
+    def _remove_batch(self, _: Any = None) -> None:
+        batch, self._removals = self._removals, []
+        self._removing = bool(batch)
+        if batch:
+            self.run_in_thread(self.spool.remove_many, batch).addBoth(self._remove_batch)
 
     def _next_batch(self) -> None:
         batch, self._waiting = self._waiting, []
@@ -163,6 +179,16 @@ class ProcessSpoolWriter(Service):
         self._request(DISCARD, name).addErrback(
             lambda f: self.log.warn(
                 "cannot discard the prepared message {name}: {error}", name=name, error=str(f.value)
+            )
+        )
+
+    def remove(self, name: str) -> None:
+        self._request(REMOVE, name).addErrback(
+            lambda f: self.log.warn(
+                "cannot remove the delivered message {name} from the spool: {error}; it is delivered "
+                "again (same idempotency key) after a restart",
+                name=name,
+                error=str(f.value),
             )
         )
 
@@ -280,22 +306,26 @@ class ProcessSpoolWriter(Service):
         child.gone = True
         if self._child is child:
             self._child = None
+        pending = [request for request in self._pending.values() if request.child is child]
         if child.stopping:
             stopped, self._stopped = self._stopped, []
             for waiter in stopped:
                 waiter.callback(None)
-        pending = [request for request in self._pending.values() if request.child is child]
-        if child.stopping and not pending:
-            return  # A clean stop.
-        self.restarts += 1
-        self.log.error(
-            "the spool writer process ended ({why}) with {count} requests unanswered; "
-            "they and later ones go to a new process",
-            why=why,
-            count=len(pending),
-        )
+            if not pending:
+                return  # A clean stop.
+            self.log.error(
+                "the spool writer process was stopped with {count} requests unanswered", count=len(pending)
+            )
+        else:
+            self.restarts += 1
+            self.log.error(
+                "the spool writer process ended ({why}) with {count} requests unanswered; "
+                "they and later ones go to a new process",
+                why=why,
+                count=len(pending),
+            )
         for request in pending:
             if request.sent >= 2:
                 self._fail(request, OSError(errno.EIO, "the spool writer process ended twice before answering"))
             else:
-                self._send(request)
+                self._send(request)  # Fails at once if the service is stopped.

@@ -216,6 +216,18 @@ def test_spool_write_failure_is_never_250(harness: Any, monkeypatch: pytest.Monk
     assert len(logged_errors.take()) == 1
 
 
+def test_a_message_that_cannot_be_encoded_for_the_spool_is_451(harness: Any, logged_errors: Any) -> None:
+    """A failure while preparing the spool file (here an account setting JSON cannot
+    hold: a bug, not the client's fault) answers 451 4.3.0, logged, and queues nothing."""
+    transport = ScriptedTransport()
+    h = harness(p1=transport)
+    account = Account(name="alice", route=("p1",), provider_settings={"p1": {"key": b"not JSON"}})
+    outcome = h.accept(account=account)
+    assert str(outcome.reply()).startswith("451 4.3.0")
+    assert h.spool.ids() == [] and list(h.spool.tmp.iterdir()) == [] and transport.sent == []
+    assert len(logged_errors.take()) == 1
+
+
 def test_failed_directory_fsync_is_never_250(harness: Any, monkeypatch: pytest.MonkeyPatch, logged_errors: Any) -> None:
     """The file is written but its rename cannot be made durable: 451, and the
     renamed file is taken back, so a restart does not deliver what the client

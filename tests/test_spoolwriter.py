@@ -170,6 +170,17 @@ async def test_process_prepares_and_publishes(writer: ProcessSpoolWriter, spool:
 
 
 @pytest_twisted.ensureDeferred
+async def test_process_removes_a_delivered_message(writer: ProcessSpoolWriter, spool: Spool) -> None:
+    """remove() takes a delivered message out of the queue; one already gone is no error."""
+    await writer.prepare(NAME, b"entry")
+    await writer.commit(NAME)
+    writer.remove(NAME)
+    writer.remove(OTHER)  # never there
+    await writer.prepare(OTHER, b"other")  # answered after both removals: the process works in order
+    assert spool.ids() == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_large_message_goes_through_the_pipe(writer: ProcessSpoolWriter, spool: Spool) -> None:
     """More than a pipe holds (64 KiB): the rest is written as the process reads."""
     data = os.urandom(3 * 1024 * 1024)
