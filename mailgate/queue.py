@@ -934,7 +934,7 @@ class QueueDeliverer:
                 account=account,
                 controls=email.controls,
             )
-            prepared = envelope, self._write(envelope, email.raw)
+            prepared = envelope, defer.maybeDeferred(self._write, envelope, email.raw)
         envelope, written = prepared
 
         def committed(_: None) -> Queued:
@@ -942,6 +942,8 @@ class QueueDeliverer:
             return Queued(queue_id)
 
         def failed(failure: Failure) -> NotQueued:
+            # What is left in tmp/, if anything (a publish no process answered).
+            self.writer.discard(queue_id)
             error = failure.value
             if isinstance(error, OSError):
                 self.log.error(

@@ -228,6 +228,23 @@ def test_a_message_that_cannot_be_encoded_for_the_spool_is_451(harness: Any, log
     assert len(logged_errors.take()) == 1
 
 
+def test_a_large_message_is_encoded_for_the_spool_in_a_thread(harness: Any) -> None:
+    """Checksumming megabytes would stall the reactor: a message over 64 KiB is
+    encoded in the thread pool, and stored as received all the same."""
+    h = harness(p1=ScriptedTransport(PENDING))
+    ran: list[str] = []
+
+    def in_thread(f: Any, *args: Any) -> defer.Deferred[Any]:
+        ran.append(f.__name__)
+        return defer.maybeDeferred(f, *args)
+
+    h.deliverer.run_in_thread = in_thread
+    raw = RAW + b"x" * 100 * 1024 + b"\r\n"
+    assert h.accept(raw=raw) == Queued("AAAAAAAAAAAAAAAAAAAAAA")
+    assert ran == ["encode_entry"]
+    assert h.spool.load("AAAAAAAAAAAAAAAAAAAAAA")[1] == raw
+
+
 def test_failed_directory_fsync_is_never_250(harness: Any, monkeypatch: pytest.MonkeyPatch, logged_errors: Any) -> None:
     """The file is written but its rename cannot be made durable: 451, and the
     renamed file is taken back, so a restart does not deliver what the client
