@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from datetime import UTC, datetime
+from http.cookiejar import CookieJar
 from pathlib import Path
 from typing import Any
 
@@ -63,13 +64,35 @@ class BytesProducer:
         pass
 
 
+class NoCookies(CookieJar):
+    """A cookie jar that keeps and sends nothing.
+
+    treq's ``HTTPClient`` keeps one jar for all its requests, so a cookie an API
+    sets (a load balancer's, a bot filter's) would go back with the next request
+    to that host, whichever account's credentials and message it carries.  A
+    request to an API stands alone; no state may pass from one account's
+    requests to another's.  It also spares the stdlib cookie policy's work on
+    every request.
+    """
+
+    def add_cookie_header(self, request: Any) -> None:
+        pass
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        pass
+
+    def set_cookie(self, cookie: Any) -> None:
+        pass
+
+
 def make_http_client(
     reactor: Any, connect_timeout: float = 10, trust_root: Any = None
 ) -> tuple[Any, Any]:
     """The one treq ``HTTPClient`` for all providers, and its persistent pool.
 
     Bodies are written with :class:`BytesProducer`; the pool keeps connections
-    open between messages (closed by :meth:`HTTPConnectionPool.closeCachedConnections`).
+    open between messages (closed by :meth:`HTTPConnectionPool.closeCachedConnections`);
+    cookies are neither kept nor sent (:class:`NoCookies`).
 
     With ``trust_root`` (a private CA, :func:`mailgate.tls.trust_root_from_file`)
     the client trusts only that CA, and its pool keeps no connections: it serves
@@ -80,7 +103,7 @@ def make_http_client(
     pool.cachedConnectionTimeout = 120
     policy = BrowserLikePolicyForHTTPS(trustRoot=trust_root)
     agent = Agent(reactor, contextFactory=policy, pool=pool, connectTimeout=connect_timeout)
-    return HTTPClient(agent, data_to_body_producer=BytesProducer), pool
+    return HTTPClient(agent, cookiejar=NoCookies(), data_to_body_producer=BytesProducer), pool
 
 
 class _URI(EncodedURL):
