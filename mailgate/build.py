@@ -328,9 +328,7 @@ def build_queue(
         reactor,
         RetryPolicy(first_retry=queue.first_retry, max_retry_interval=queue.max_retry_interval, lifetime=queue.lifetime),
         hostname=config.server.hostname,
-        # The session's limits: a message parsed again after a restart must pass
-        # the same checks it passed when it was accepted.
-        parse=make_parser(reactor, mime_limits(config.limits)),
+        parse=make_parser(reactor, message.STORED_MESSAGE_LIMITS),
         run_in_thread=run_in_thread,
         events=events,
         max_in_flight=queue.max_in_flight,
@@ -412,7 +410,9 @@ def build_service(
         # Opening the spool (lock, recovery) and the write probe touch the disk:
         # both run in the thread pool, never on the reactor thread at every probe.
         def writable(opened: bool) -> Any:
-            return opened and runner.run_in_thread(directory_writable, spool.tmp)
+            if not (opened and queue_deliverer.writer.usable):  # no spool writer process runs
+                return False
+            return runner.run_in_thread(directory_writable, spool.tmp)
 
         return runner.open_spool().addCallback(writable)
 

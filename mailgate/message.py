@@ -42,6 +42,7 @@ import codecs
 import html
 import quopri
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from email import policy as email_policy
@@ -120,9 +121,22 @@ class MimeLimits:
     max_header_size: int = 256 * 1024
     max_header_count: int = 500
     max_addresses_per_header: int = 1000
+    max_parse_work: int = MAX_PARSE_WORK
 
 
 DEFAULT_LIMITS = MimeLimits()
+# For a message read back from the queue's spool: it passed the limits in force
+# when it was accepted, and parsing it again must not refuse it (and bounce a
+# message that got a 250) because ``[limits]`` changed since.  Its structure is
+# bounded by what those limits let through, so no bound is needed here.
+STORED_MESSAGE_LIMITS = MimeLimits(
+    max_depth=sys.maxsize,
+    max_parts=sys.maxsize,
+    max_header_size=sys.maxsize,
+    max_header_count=sys.maxsize,
+    max_addresses_per_header=sys.maxsize,
+    max_parse_work=sys.maxsize,
+)
 
 # Re-serialising attached messages: keep header lines as they were.
 _GENERATOR_POLICY = email_policy.default.clone(linesep="\r\n", refold_source="none")
@@ -336,7 +350,7 @@ class _LimitedFeedParser(BytesFeedParser):
 def _prescan_top_header_block(raw: bytes, limits: MimeLimits) -> None:
     """Measure the top-level header block on the raw bytes, before the parser
     turns it into millions of line objects; the scan stops at the size limit.
-    Lines count as headers exactly as in :func:`_filter_raw` (the parser's rule)."""
+    Lines count as headers exactly as in :func:`without_hidden_headers` (the parser's rule)."""
     meter = _HeaderBlockMeter(limits)
     pos = 0
     end = len(raw)
@@ -389,7 +403,7 @@ def _parse(
 ) -> OutboundEmail:
     _prescan_top_header_block(raw, limits)
     lines = max(raw.count(b"\n"), raw.count(b"\r")) + 1
-    if lines * min(len(_MULTIPART.findall(raw)), limits.max_depth + 1) > MAX_PARSE_WORK:
+    if lines * min(len(_MULTIPART.findall(raw)), limits.max_depth + 1) > limits.max_parse_work:
         raise MessageParseError("MIME structure too complex for the message size")
     if lines > MAX_LINES:
         raise MessageTooLarge(f"message has more than {MAX_LINES} lines")
@@ -459,7 +473,7 @@ def _parse(
         message_id=_message_id(msg),
         date=_raw_header(msg, "date") or None,
         controls=controls,
-        raw=_filter_raw(raw),
+        raw=without_hidden_headers(raw),
         author_addresses=tuple(
             mailbox.address
             for name in _AUTHOR_HEADERS
@@ -788,7 +802,7 @@ def _addresses(msg: Message, name: str) -> tuple[EmailAddress, ...]:
     return tuple(result)
 
 
-def _filter_raw(raw: bytes) -> bytes:
+def without_hidden_headers(raw: bytes) -> bytes:
     """``raw`` minus Bcc and control header fields, body untouched.
 
     The header block ends where the stdlib parser ends it: at the first line

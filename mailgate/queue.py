@@ -51,7 +51,7 @@ from mailgate.dsn import build_dsn
 from mailgate.events import EventSink, NullEventSink
 from mailgate.ids import new_queue_id
 from mailgate.interfaces import IDeliverer
-from mailgate.message import MessageParseError, parse_message
+from mailgate.message import MessageParseError, parse_message, without_hidden_headers
 from mailgate.model import Controls, OutboundEmail
 from mailgate.outcome import Delivered, Failed, Outcome, Retry
 from mailgate.replies import Reply, sanitise_text
@@ -529,16 +529,18 @@ class QueueRunner(Service):
         envelope = entry.envelope
         queue_id = entry.queue_id
         email, entry.email = entry.email, None
-        raw: bytes | None = None
+        # What a DSN quotes: the message without its control and Bcc headers.
+        raw: bytes | None = None if email is None else email.raw
+        stored: bytes | None = None
         journal: dict[str, JournalRecord] = {}
         try:
             if email is None:
                 # Not fresh from the client: an earlier attempt (before a restart too)
                 # may have delivered part of it.
-                _, raw = await self.run_in_thread(self.spool.load, queue_id)
-                email = await self._parse(envelope, raw)
+                _, stored = await self.run_in_thread(self.spool.load, queue_id)
+                email = await self._parse(envelope, stored)
+                raw = email.raw
                 journal = await self.run_in_thread(self.spool.read_journal, queue_id)
-            raw = email.raw  # What a DSN quotes: control and Bcc headers taken out.
             account = envelope.account
             if journal:
                 # Part of the message was accepted by this provider: failing over now
@@ -570,6 +572,7 @@ class QueueRunner(Service):
             return
         except MessageParseError as e:
             outcome = Failed("mailgate", f"message could not be parsed: {e.reason}", 554, "5.6.0")
+            raw = None if stored is None else without_hidden_headers(stored)
         except OSError as e:
             self.log.error("queue: cannot read message {queue_id}: {error}", queue_id=queue_id, error=str(e))
             outcome = Retry("mailgate", "cannot read the queued message", "4.3.0")
@@ -632,7 +635,7 @@ class QueueRunner(Service):
         try:
             email = await self._parse(entry.envelope, raw)
         except MessageParseError:
-            return raw
+            return without_hidden_headers(raw)
         return email.raw
 
     def _journal(
@@ -938,7 +941,10 @@ class QueueDeliverer:
         envelope, written = prepared
 
         def committed(_: None) -> Queued:
-            self.runner.enqueue(envelope, email)
+            try:
+                self.runner.enqueue(envelope, email)
+            except Exception:  # noqa: BLE001 - it is on disk: the client hears 250, the next start sends it
+                self.log.failure("queue: cannot schedule message {queue_id}; it is delivered after a restart", queue_id=queue_id)
             return Queued(queue_id)
 
         def failed(failure: Failure) -> NotQueued:

@@ -837,9 +837,6 @@ class SMTPSession(ESMTP):
         # In flight from here to the verdict: the admission control sheds new
         # connections while too many messages wait, instead of failing these.
         self.admission.delivery_started()
-        # Queue mode starts writing the spool file now, in parallel with the parse;
-        # whatever the verdict, release() takes back what deliver() did not use.
-        self.deliverer.prepare(queue_id, raw, sender.address, tuple(recipients), account)
         pending = defer.maybeDeferred(
             self._deliver, queue_id, raw, sender.address, tuple(recipients), account, verdict
         )
@@ -877,6 +874,9 @@ class SMTPSession(ESMTP):
         account: Account,
         verdict: Callable[..., Reply],
     ) -> Any:
+        # Queue mode starts writing the spool file now, in parallel with the parse;
+        # whatever the verdict, release() takes back what deliver() did not use.
+        self.deliverer.prepare(queue_id, raw, sender, recipients, account)
         try:
             email_ = yield self.parse(raw, sender, recipients, account.defaults)
         except MessageParseError as e:

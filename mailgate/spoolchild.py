@@ -14,16 +14,19 @@ The protocol on stdin/stdout, one frame per request::
 
 ``P`` prepares ``tmp/<name>`` with ``data``; ``C`` publishes it (rename, then
 one directory fsync for every ``C`` read in the same batch); ``D`` discards
-it; ``R`` removes ``messages/<name>`` once the message is delivered.  Every request gets one reply, in the order the work finishes.  End of
-input (the server closed the pipe, or died) ends the process once the requests
-already read are done.  Only the standard library and
-:mod:`mailgate.spoolfiles` are imported, so the process starts in milliseconds.
+it; ``R`` removes ``messages/<name>`` once the message is delivered.  Every
+request gets one reply, in the order the work finishes.  End of input (the
+server closed the pipe, or died) ends the process once the requests already
+read are done; stop signals other than SIGKILL are ignored.  Only the standard
+library and :mod:`mailgate.spoolfiles` are imported, so the process starts in
+milliseconds.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import signal
 import struct
 import sys
 from collections.abc import Callable
@@ -38,7 +41,7 @@ MAX_NAME = 64  # queue ids are 26 characters; anything else is a protocol error
 
 
 def encode_request(op: bytes, name: str, data: bytes = b"") -> bytes:
-    encoded = name.encode("ascii")
+    encoded = name.encode("ascii", "surrogateescape")
     return _REQUEST.pack(op, len(encoded), len(data)) + encoded + data
 
 
@@ -51,7 +54,7 @@ def decode_requests(buffer: bytearray) -> list[tuple[bytes, str, bytes]]:
         if len(buffer) < end:
             break
         start = offset + _REQUEST.size
-        name = bytes(buffer[start : start + name_length]).decode("ascii")
+        name = bytes(buffer[start : start + name_length]).decode("ascii", "surrogateescape")
         requests.append((op, name, bytes(buffer[start + name_length : end])))
         offset = end
     del buffer[:offset]
@@ -59,7 +62,7 @@ def decode_requests(buffer: bytearray) -> list[tuple[bytes, str, bytes]]:
 
 
 def encode_reply(op: bytes, name: str, error: int) -> bytes:
-    encoded = name.encode("ascii")
+    encoded = name.encode("ascii", "surrogateescape")
     return _REPLY.pack(op, len(encoded), error) + encoded
 
 
@@ -71,14 +74,14 @@ def decode_replies(buffer: bytearray) -> list[tuple[bytes, str, int]]:
         end = offset + _REPLY.size + name_length
         if len(buffer) < end:
             break
-        replies.append((op, bytes(buffer[offset + _REPLY.size : end]).decode("ascii"), error))
+        replies.append((op, bytes(buffer[offset + _REPLY.size : end]).decode("ascii", "surrogateescape"), error))
         offset = end
     del buffer[:offset]
     return replies
 
 
 def _valid(op: bytes, name: str) -> bool:
-    return op in OPS and 0 < len(name) <= MAX_NAME and name.isalnum()
+    return op in OPS and 0 < len(name) <= MAX_NAME and name.isascii() and name.isalnum()
 
 
 def _errno(error: OSError) -> int:
@@ -90,7 +93,7 @@ def handle(tmp: str, messages: str, requests: list[tuple[bytes, str, bytes]], re
     publish: list[str] = []
     for op, name, data in requests:
         if not _valid(op, name):
-            reply(encode_reply(op if op in OPS else DISCARD, name if name.isalnum() else "", errno.EINVAL))
+            reply(encode_reply(op, name, errno.EINVAL))  # echoed, so that the request is answered
         elif op == PREPARE:
             try:
                 spoolfiles.prepare_file(tmp, name, data)
@@ -122,6 +125,11 @@ def _write_all(fd: int, data: bytes) -> None:
 def main(argv: list[str]) -> int:
     """``spoolchild TMP MESSAGES``: serve requests on stdin until it closes."""
     tmp, messages = argv
+    # A stop signal to the whole process group or cgroup (Ctrl-C; systemd's
+    # KillMode=control-group) must not cut the server's last messages short:
+    # the server closes the pipe once it is done, and that ends this process.
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, signal.SIG_IGN)
     buffer = bytearray()
     try:
         while True:

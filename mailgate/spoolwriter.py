@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -56,6 +56,7 @@ class ThreadSpoolWriter:
     batch, so a directory fsync is shared by every message of a batch."""
 
     log = Logger()
+    usable = True  # see ProcessSpoolWriter.usable
 
     def __init__(self, spool: Spool, run_in_thread: Callable[..., defer.Deferred[Any]], parallel: int = 4):
         self.spool = spool
@@ -125,11 +126,14 @@ class _Request:
 
 
 class _Child(ProcessProtocol):
-    def __init__(self, writer: ProcessSpoolWriter):
+    def __init__(self, writer: ProcessSpoolWriter, locked: bool):
         self.writer = writer
+        self.locked = locked  # holds the spool lock (see ProcessSpoolWriter._current)
         self.buffer = bytearray()
         self.gone = False
         self.stopping = False  # told to finish and exit
+        self.stopped: list[defer.Deferred[None]] = []
+        self.kill_timer: Any = None
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         self.writer._received(self, data)
@@ -147,11 +151,19 @@ class ProcessSpoolWriter(Service):
 
     Every request is answered or fails: if the process ends with requests
     pending, they are sent again to a new one (both phases can be repeated
-    safely, see :func:`mailgate.spoolfiles.publish_batch`); a request that a
-    second process could not answer either fails with EIO, so its client hears
-    451 and sends the message again.  The server and the process share a pipe:
-    when the server dies (even by kill -9) the process reads end of input,
-    finishes what it read, and exits.
+    safely, see :func:`mailgate.spoolfiles.publish_batch`).  A publish that no
+    process answered (the second one died too, or the server is stopping) is
+    settled in the thread pool with the same idempotent call, so that its
+    client hears the truth: 250 if the message is in the queue, 451 if it is
+    not, never 451 for a message a restart would deliver.  Other requests fail
+    with EIO then (a prepare: the client hears 451).  The server and the
+    process share a pipe: when the server dies (even by kill -9) the process
+    reads end of input, finishes what it read, and exits.
+
+    ``usable`` is False while no process can be started or they keep dying
+    (/readyz reports the state directory as not ready); a process is started
+    with the service and asked a first, empty question, so that this shows at
+    start-up rather than with the first message.
     """
 
     log = Logger()
@@ -164,10 +176,11 @@ class ProcessSpoolWriter(Service):
         self.python = python
         self._child: _Child | None = None
         self._pending: dict[tuple[bytes, str], _Request] = {}
-        self._stopped: list[defer.Deferred[None]] = []
         self.restarts = 0
+        self.replayed = 0
+        self.usable = True
 
-    # -- the three calls ---------------------------------------------------------
+    # -- the four calls ----------------------------------------------------------
 
     def prepare(self, name: str, data: bytes) -> defer.Deferred[None]:
         return self._request(PREPARE, name, data)
@@ -196,33 +209,30 @@ class ProcessSpoolWriter(Service):
 
     def startService(self) -> None:
         Service.startService(self)
-        if self._child is None:
-            try:
-                self._spawn()
-            except OSError as e:
-                # Not fatal: tried again with the first message (which hears 451 if it fails).
-                self.log.error("cannot start the spool writer process: {error}", error=str(e))
+        # Discarding a name that is never prepared: nothing to do but answer.
+        self._request(DISCARD, "startupcheck").addErrback(
+            lambda f: self.log.error(
+                "the spool writer process cannot run: {error}; queue mode answers 451 until it can",
+                error=str(f.value),
+            )
+        )
 
     def stopService(self) -> defer.Deferred[None]:
         """Close the process's input; it exits once it has answered what it read."""
         Service.stopService(self)
-        child = self._child
+        child, self._child = self._child, None  # a restarted service starts a new one
         if child is None:
             return defer.succeed(None)
+        return self._retire(child)
+
+    def _retire(self, child: _Child) -> defer.Deferred[None]:
         stopped: defer.Deferred[None] = defer.Deferred()
-        self._stopped.append(stopped)
-        # It still answers what it read; a restarted service starts a new one.
-        self._child = None
-        child.stopping = True
-        child.transport.closeStdin()
-        timer = self.reactor.callLater(STOP_TIMEOUT, self._kill, child)
-
-        def cancel_timer(result: Any) -> Any:
-            if timer.active():
-                timer.cancel()
-            return result
-
-        return stopped.addBoth(cancel_timer)
+        child.stopped.append(stopped)
+        if not child.stopping:
+            child.stopping = True
+            child.transport.closeStdin()
+            child.kill_timer = self.reactor.callLater(STOP_TIMEOUT, self._kill, child)
+        return stopped
 
     def _kill(self, child: _Child) -> None:
         self.log.warn("the spool writer process did not stop within {seconds:g} s; killing it", seconds=STOP_TIMEOUT)
@@ -232,14 +242,27 @@ class ProcessSpoolWriter(Service):
             pass
         self._ended(child, "killed")
 
+    def _current(self) -> _Child:
+        """The process to send to, started if need be; raises OSError."""
+        child = self._child
+        if child is not None and not child.locked and self.spool.lock_descriptor is not None:
+            # The spool was opened (and locked) after this process started: one
+            # that holds the lock takes over, so that a server restarted after a
+            # crash waits for it (Spool.lock) before recovering the spool.
+            self._child = None
+            self._retire(child)
+            child = None
+        if child is None:
+            child = self._spawn()
+        return child
+
     def _spawn(self) -> _Child:
-        child = _Child(self)
         descriptors: dict[int, Any] = {0: "w", 1: "r", 2: 2}
         lock = self.spool.lock_descriptor
         if lock is not None:
-            # The process holds the spool lock as long as it lives: a server
-            # restarted after a crash waits for it (Spool.lock) before recovery.
+            # The process holds the spool lock as long as it lives.
             descriptors[3] = lock
+        child = _Child(self, locked=lock is not None)
         self.reactor.spawnProcess(
             child,
             self.python,
@@ -260,17 +283,16 @@ class ProcessSpoolWriter(Service):
         return request.done
 
     def _send(self, request: _Request) -> None:
-        child = self._child
-        if child is None:
-            if not self.running:
-                self._fail(request, OSError(errno.ESHUTDOWN, "the server is stopping"))
-                return
-            try:
-                child = self._spawn()
-            except OSError as e:
-                self.log.error("cannot start the spool writer process: {error}", error=str(e))
-                self._fail(request, e)
-                return
+        if not self.running:
+            self._unanswered(request, OSError(errno.ESHUTDOWN, "the server is stopping"))
+            return
+        try:
+            child = self._current()
+        except OSError as e:
+            self.usable = False
+            self.log.error("cannot start the spool writer process: {error}", error=str(e))
+            self._unanswered(request, e)
+            return
         request.sent += 1
         request.child = child
         child.transport.write(encode_request(request.op, request.name, request.data))
@@ -282,10 +304,26 @@ class ProcessSpoolWriter(Service):
         if pipe is not None:
             pipe.doWrite()
 
-    def _fail(self, request: _Request, error: OSError) -> None:
+    def _unanswered(self, request: _Request, error: OSError) -> None:
+        """No process will answer ``request``: settle a publish in the thread
+        pool (see the class docstring); fail anything else with ``error``."""
         if self._pending.get((request.op, request.name)) is request:
             del self._pending[(request.op, request.name)]
-        request.done.errback(error)
+        if request.op != PUBLISH:
+            request.done.errback(error)
+            return
+
+        def settled(results: list[OSError | None]) -> None:
+            (result,) = results
+            if result is None:
+                request.done.callback(None)
+            else:
+                request.done.errback(result)
+
+        published = threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), spoolfiles.publish_batch, self.tmp, self.messages, [request.name]
+        )
+        published.addCallbacks(settled, request.done.errback)
 
     def _received(self, child: _Child, data: bytes) -> None:
         if child.gone:
@@ -298,19 +336,22 @@ class ProcessSpoolWriter(Service):
             elif error:
                 request.done.errback(OSError(error, os.strerror(error)))
             else:
+                self.usable = True
                 request.done.callback(None)
 
     def _ended(self, child: _Child, why: str) -> None:
         if child.gone:
             return
         child.gone = True
+        if child.kill_timer is not None and child.kill_timer.active():
+            child.kill_timer.cancel()
         if self._child is child:
             self._child = None
+        stopped, child.stopped = child.stopped, []
+        for waiter in stopped:
+            waiter.callback(None)
         pending = [request for request in self._pending.values() if request.child is child]
         if child.stopping:
-            stopped, self._stopped = self._stopped, []
-            for waiter in stopped:
-                waiter.callback(None)
             if not pending:
                 return  # A clean stop.
             self.log.error(
@@ -326,6 +367,8 @@ class ProcessSpoolWriter(Service):
             )
         for request in pending:
             if request.sent >= 2:
-                self._fail(request, OSError(errno.EIO, "the spool writer process ended twice before answering"))
+                self.usable = False
+                self._unanswered(request, OSError(errno.EIO, "the spool writer process ended twice before answering"))
             else:
-                self._send(request)  # Fails at once if the service is stopped.
+                self.replayed += 1
+                self._send(request)  # Settled at once if the service is stopped.

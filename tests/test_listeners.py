@@ -14,6 +14,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
+from mailgate import spoolchild
 from mailgate.accounts.memory import MemoryAccountStore
 from mailgate.admin import failing_checks
 from mailgate.build import build_service
@@ -39,16 +40,23 @@ class InlinePool:
 
 
 class StubProcess:
-    """Stands in for the spool writer process: takes requests, ends when its input closes."""
+    """Stands in for the spool writer process: answers every request "done" (these
+    tests spool no message: only the writer's start-up check comes), ends when its
+    input closes."""
 
     pid = 0
 
     def __init__(self, protocol: Any) -> None:
         self.protocol = protocol
+        self.requests: list[tuple[bytes, str, bytes]] = []
+        self.buffer = bytearray()
         protocol.makeConnection(self)
 
     def write(self, data: bytes) -> None:
-        raise AssertionError("no message is spooled in these tests")
+        self.buffer += data
+        for op, name, body in spoolchild.decode_requests(self.buffer):
+            self.requests.append((op, name, body))
+            self.protocol.childDataReceived(1, spoolchild.encode_reply(op, name, 0))
 
     def closeStdin(self) -> None:
         self.protocol.processEnded(Failure(ProcessDone(0)))
@@ -60,10 +68,12 @@ class ProcessReactor(MemoryReactorClock):
     def __init__(self) -> None:
         super().__init__()
         self.spawned: list[list[str]] = []
+        self.processes: list[StubProcess] = []
 
     def spawnProcess(self, protocol: Any, executable: str, args: Any = (), *more: Any, **options: Any) -> StubProcess:
         self.spawned.append(list(args))
-        return StubProcess(protocol)
+        self.processes.append(StubProcess(protocol))
+        return self.processes[-1]
 
 
 class PoolReactor(ProcessReactor):
@@ -148,8 +158,9 @@ def test_admin_listener_is_wired_when_configured(tmp_path: Path) -> None:
     build_service(with_admin, reactor, None, store=MemoryAccountStore({})).startService()
     assert [(port, interface) for port, _, _, interface in reactor.tcpServers][-1] == (9025, "127.0.0.1")
     assert len(reactor.tcpServers) == 4
-    [writer] = reactor.spawned  # the spool writer process, on this server's spool
+    [writer] = reactor.spawned  # the spool writer process, on this server's spool, checked at start
     assert writer[-2:] == [str(tmp_path / "state" / "queue" / "tmp"), str(tmp_path / "state" / "queue" / "messages")]
+    assert [(op, name) for op, name, _ in reactor.processes[0].requests] == [(b"D", "startupcheck")]
     plain = ProcessReactor()
     # Its own state directory: the first server, still running, holds the queue lock of its own.
     other_state = {"hostname": "mx.test", "state_dir": str(tmp_path / "state2")}

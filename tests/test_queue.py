@@ -325,6 +325,50 @@ def test_message_is_stored_as_received_and_parsed_again_the_same_way(harness: An
     assert "Subject: hello" in quoted and "Bcc" not in quoted and "X-Mailgate-Tag" not in quoted
 
 
+def test_a_message_on_disk_is_250_even_if_it_cannot_be_scheduled(harness: Any, monkeypatch: pytest.MonkeyPatch, logged_errors: Any) -> None:
+    """Once the message is durable the client hears 250, whatever happens next in
+    this process (here a bug scheduling it): a restart delivers it."""
+    transport = ScriptedTransport()
+    h = harness(p1=transport)
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("scheduling bug")
+
+    monkeypatch.setattr(h.runner, "enqueue", broken)
+    assert h.accept() == Queued("AAAAAAAAAAAAAAAAAAAAAA")
+    assert len(logged_errors.take()) == 1
+    monkeypatch.undo()
+    h = h.restart()
+    h.clock.advance(0)
+    assert len(transport.sent) == 1 and h.spool.ids() == []
+
+
+def test_a_stored_message_that_no_longer_parses_bounces_without_its_hidden_headers(
+    harness: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should a message read back from the spool fail to parse, it bounces (554
+    5.6.0), and the DSN quotes its headers without Bcc and control headers, which
+    the spool keeps as received."""
+    raw = RAW.replace(b"X-Mailgate-Tag: welcome\r\n", b"X-Mailgate-Tag: promo\r\nBcc: hidden@example.org\r\n")
+    transport = ScriptedTransport(status(503))
+    h = harness(p1=transport)
+    h.accept(raw=raw, recipients=("b@example.org", "hidden@example.org"))
+    h = h.restart()
+    from mailgate.message import MessageParseError
+
+    def unparsable(raw: bytes, *args: Any) -> Any:
+        if b"Undelivered Mail" in raw:  # the DSN itself parses as usual
+            return parse_message(raw, *args)
+        raise MessageParseError("scripted")
+
+    h.runner.parse = unparsable
+    h.clock.advance(60)
+    [bounce] = transport.payloads()[1:]
+    assert "Status: 5.6.0" in delivery_status(bounce)
+    quoted = rfc822_headers(bounce)
+    assert "Subject: hello" in quoted and "Bcc" not in quoted and "X-Mailgate-Tag" not in quoted
+
+
 @pytest.mark.parametrize("refused_by", ["deliverer", "session"])
 def test_prepared_message_refused_after_all_leaves_nothing(harness: Any, refused_by: str) -> None:
     """A message whose file was prepared, then refused (by the route, or by the

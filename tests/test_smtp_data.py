@@ -84,6 +84,21 @@ def test_message_is_prepared_before_the_parse_and_released_after_the_verdict():
     assert client.deliverer.released == [queue_id]
 
 
+def test_a_failing_prepare_is_a_tempfail_not_a_traceback(logged_errors):
+    """A deliverer whose prepare raises (a bug) costs the client a 451 4.3.0, logged;
+    the session goes on, and the message is released, never delivered."""
+
+    class Broken(FakeDeliverer):
+        def prepare(self, *args):
+            raise RuntimeError("prepare bug")
+
+    client = authed_client(deliverer=Broken())
+    assert client.message() == ["451 4.3.0 Local error in processing, try again later"]
+    assert client.deliverer.calls == [] and len(client.deliverer.released) == 1
+    assert len(logged_errors.take()) == 1
+    assert client.cmd("NOOP") == ["250 2.0.0 Ok"]
+
+
 def test_a_message_refused_after_the_parse_is_released_undelivered():
     """A prepared message refused after the parse (here its From: is not allowed)
     is never delivered, and released all the same."""

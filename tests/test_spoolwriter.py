@@ -7,6 +7,7 @@ import errno
 import os
 import signal
 import stat
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -206,8 +207,8 @@ async def test_a_killed_process_is_replaced_and_nothing_is_lost(
     await writer.prepare(NAME, b"entry")
     first = writer._child.transport.pid
     os.kill(first, signal.SIGKILL)
-    await writer.commit(NAME)  # sent to the dead process, or to its successor
-    assert spool.ids() == [NAME]
+    await writer.commit(NAME)  # sent to the dead process (not noticed yet), then again to its successor
+    assert spool.ids() == [NAME] and writer.replayed == 1
     await writer.prepare(OTHER, b"other")
     await writer.commit(OTHER)
     assert sorted(spool.ids()) == [NAME, OTHER]
@@ -217,11 +218,14 @@ async def test_a_killed_process_is_replaced_and_nothing_is_lost(
 
 @pytest_twisted.ensureDeferred
 async def test_a_process_that_cannot_work_fails_the_request(spool: Spool, logged_errors: Any) -> None:
-    """A writer process that dies at once (here: not Python at all) is tried twice
-    per request; then the request fails with EIO, so its client hears 451."""
+    """A writer process that dies at once (here: not Python at all) shows at start-up
+    (logged, ``usable`` False for /readyz); each request is tried with two
+    processes, then fails with EIO, so its client hears 451."""
     writer = ProcessSpoolWriter(spool, reactor, python="/bin/false")
     writer.startService()
     try:
+        await _wait_until(lambda: not writer.usable)
+        assert any("cannot run" in str(event.get("log_format")) for event in logged_errors.take())
         with pytest.raises(OSError) as raised:
             await writer.prepare(NAME, b"entry")
         assert raised.value.errno == errno.EIO
@@ -231,6 +235,80 @@ async def test_a_process_that_cannot_work_fails_the_request(spool: Spool, logged
     assert logged_errors.take()
 
 
+def stand_in_python(directory: Path, dies: str) -> str:
+    """A "python" for the writer that runs the real child program, but dies (exit 9)
+    just before or just after each publish: a crash, or the OOM killer."""
+    script = directory / f"python-dying-{dies}-publish"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import os, sys\n"
+        "root, tmp, messages = sys.argv[4:7]  # [-I, -c, code, root, tmp, messages]\n"
+        "sys.path.insert(0, root)\n"
+        "from mailgate import spoolchild, spoolfiles\n"
+        "publish = spoolfiles.publish_batch\n"
+        "def dying(*args):\n"
+        f"    if {dies == 'after'!r}:\n"
+        "        publish(*args)\n"
+        "    os._exit(9)\n"
+        "spoolfiles.publish_batch = dying\n"
+        "sys.exit(spoolchild.main([tmp, messages]))\n"
+    )
+    script.chmod(0o755)
+    return str(script)
+
+
+@pytest.mark.parametrize("dies", ["before", "after"])
+@pytest_twisted.ensureDeferred
+async def test_a_publish_no_process_answered_is_settled_truthfully(
+    spool: Spool, tmp_path: Path, logged_errors: Any, dies: str
+) -> None:
+    """Two writer processes in a row die during the same publish, before or after
+    doing it.  Nobody answered, yet the client must not hear 451 for a message a
+    restart would deliver: the publish is settled in the thread pool with the same
+    idempotent call, and the message is in the queue either way."""
+    writer = ProcessSpoolWriter(spool, reactor, python=stand_in_python(tmp_path, dies))
+    writer.startService()
+    try:
+        await writer.prepare(NAME, b"entry")
+        await writer.commit(NAME)
+        assert spool.ids() == [NAME] and (spool.messages / NAME).read_bytes() == b"entry"
+        assert writer.restarts == 2 and writer.replayed == 1
+    finally:
+        await writer.stopService()
+    assert len(logged_errors.take()) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_signals_leave_the_process_working(writer: ProcessSpoolWriter, spool: Spool) -> None:
+    """SIGTERM, SIGINT and SIGHUP to the whole group (systemd's stop, Ctrl-C) must not
+    end the writer before the server has finished: it stops when its input closes."""
+    await writer.prepare(NAME, b"entry")
+    pid = writer._child.transport.pid
+    for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        os.kill(pid, stop)
+    await _sleep(0.2)
+    await writer.commit(NAME)
+    assert spool.ids() == [NAME]
+    assert writer._child.transport.pid == pid and writer.restarts == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_process_started_before_the_spool_was_locked_hands_over(writer: ProcessSpoolWriter, spool: Spool) -> None:
+    """The state directory appeared after start-up: the writer process began without
+    the spool lock.  Once the server holds it, the next request goes to a new
+    process that holds it too."""
+    await writer.prepare(NAME, b"entry")
+    first = writer._child.transport.pid
+    spool.lock()
+    await writer.commit(NAME)
+    assert writer._child.transport.pid != first
+    spool.unlock()
+    assert Spool(spool.directory).locked_by_other()
+    await writer.stopService()
+    await _wait_until(lambda: not Spool(spool.directory).locked_by_other())
+    assert spool.ids() == [NAME]
+
+
 @pytest_twisted.ensureDeferred
 async def test_stopping_lets_the_process_finish_what_it_read(writer: ProcessSpoolWriter, spool: Spool) -> None:
     """At shutdown the process answers the requests already sent, then exits."""
@@ -238,8 +316,15 @@ async def test_stopping_lets_the_process_finish_what_it_read(writer: ProcessSpoo
     await writer.stopService()
     await prepared
     assert (spool.tmp / NAME).read_bytes() == b"entry"
+    # Stopped: no new process.  A publish is still settled truthfully (in the
+    # thread pool); anything else fails.
+    await writer.commit(NAME)
+    assert spool.ids() == [NAME]
     with pytest.raises(OSError) as raised:
-        await writer.commit(NAME)  # stopped: no new process
+        await writer.commit(OTHER)
+    assert raised.value.errno == errno.ENOENT
+    with pytest.raises(OSError) as raised:
+        await writer.prepare(OTHER, b"other")
     assert raised.value.errno == errno.ESHUTDOWN
 
 
