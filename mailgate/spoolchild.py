@@ -4,7 +4,7 @@ Why a process: the server parses a message (pure Python, holding the GIL) while
 its spool file is written.  A thread doing the write would wait for the GIL
 between its system calls, so the two would take turns; a process writes and
 fsyncs in parallel with the parse, and leaves the reactor thread nothing but
-two pipe writes per message.  Postfix splits its queue writer from smtpd for
+a few pipe writes per message.  Postfix splits its queue writer from smtpd for
 the same reason.
 
 The protocol on stdin/stdout, one frame per request::

@@ -1,6 +1,6 @@
 """Spool writers: how queue mode gets a message's file durable (two phases).
 
-Both writers offer the same three calls, each for one queue id:
+Both writers offer the same four calls, each for one queue id:
 
 * ``prepare(name, data)``: write and fsync ``tmp/<name>``; started when the
   final dot is read, in parallel with the parse and the checks;
