@@ -843,8 +843,11 @@ class SMTPSession(ESMTP):
         return pending.addBoth(self._delivery_finished, queue_id)
 
     def _delivery_finished(self, result: Any, queue_id: str) -> Any:
-        self.deliverer.release(queue_id)
         self.admission.delivery_finished()
+        try:
+            self.deliverer.release(queue_id)
+        except Exception:  # noqa: BLE001 - the verdict stands; at worst a prepared file waits for recovery
+            self.log.failure("cannot release message {queue_id}", queue_id=queue_id)
         return result
 
     def _received_header(self, queue_id: str) -> bytes:
