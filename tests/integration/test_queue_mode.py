@@ -86,6 +86,29 @@ async def test_250_means_queued_then_delivered(queue_gateway: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_message_refused_after_the_parse_leaves_nothing_in_the_spool(queue_gateway: Any) -> None:
+    """The spool writer process starts writing every message before it is parsed; one
+    refused after the parse (here: MIME nested too deep) gets its 554, and its file is
+    removed again: nothing in tmp/ or messages/, nothing sent."""
+    deep = b"From: alice@example.com\r\nTo: bob@example.org\r\nSubject: deep\r\nMIME-Version: 1.0\r\n"
+    for level in range(40):
+        deep += b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (level, level)
+    deep += b"Content-Type: text/plain\r\n\r\nx\r\n"
+    result = await send_with_smtplib(
+        queue_gateway, "submission", "PLAIN", sender="alice@example.com", recipients=["bob@example.org"], message=deep
+    )
+    assert (result.code, result.text.split(":")[0]) == (554, "5.6.0 Message could not be parsed")
+    # The process works in order, and the discard goes out as soon as the refused
+    # message's file is written: by the time a later message is queued, it is done.
+    assert (await send(queue_gateway)).code == 250
+    spool = queue_gateway.service.queue.spool
+    assert os.listdir(spool.tmp) == []
+    await requests_until(queue_gateway.api, 1)
+    await until_empty(queue_gateway)
+    assert [request.json()["subject"] for request in queue_gateway.api.requests] == ["queued"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_api_faults_are_retried_until_delivered(queue_gateway: Any) -> None:
     """503, 429 with Retry-After, a reset after the request reached the API and a
     timeout are each retried later (never before Retry-After), with the same
