@@ -38,6 +38,7 @@ client is forgotten).
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -99,6 +100,16 @@ class TokenBuckets:
     def __len__(self) -> int:
         return len(self._buckets)
 
+    def reconfigure(self, limit: int, window: float) -> None:
+        """New figures for every bucket (a reload).  What each key has spent
+        stays spent: its tokens move by the change of the limit, within 0 and it."""
+        change = float(limit - self.limit)
+        for key, (tokens, stamp) in self._buckets.items():
+            self._buckets[key] = (max(0.0, min(float(limit), tokens + change)), stamp)
+        self.limit = limit
+        self.window = window
+        self.rate = limit / window
+
     def tokens(self, key: str) -> float:
         """Tokens left for ``key`` now (``limit`` when it has no record)."""
         now = self.clock.seconds()
@@ -156,6 +167,20 @@ class Admission:
         self._auth_failures = TokenBuckets(
             limits.max_auth_failures_per_ip, limits.auth_failure_window, clock
         )
+
+    def reconfigure(self, limits: LimitsConfig) -> None:
+        """Apply reloaded ``[limits]`` to the decisions from now on; the counts so
+        far stay.  Which client a connection counts for (``ipv6_client_prefix``,
+        ``exempt_networks``) must not change while connections are open, or their
+        closes would not match their opens: those two keep their values until a
+        restart (the reload says so)."""
+        self.limits = dataclasses.replace(
+            limits,
+            ipv6_client_prefix=self.limits.ipv6_client_prefix,
+            exempt_networks=self.limits.exempt_networks,
+        )
+        self._connection_rate.reconfigure(limits.max_connection_rate_per_ip, CONNECTION_RATE_WINDOW)
+        self._auth_failures.reconfigure(limits.max_auth_failures_per_ip, limits.auth_failure_window)
 
     def _key(self, host: str) -> str:
         return client_key(host, self.limits.ipv6_client_prefix)

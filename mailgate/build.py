@@ -169,12 +169,12 @@ def provider_policies(provider: ProviderConfig) -> tuple[RequestLimits, CircuitP
     return limits, circuit
 
 
-def default_message_rate(config: Config) -> MessageRate | None:
+def default_message_rate(limits: LimitsConfig) -> MessageRate | None:
     """``[limits] max_messages_per_minute`` (0: unlimited) and its burst."""
-    per_minute = config.limits.max_messages_per_minute
+    per_minute = limits.max_messages_per_minute
     if per_minute == 0:
         return None
-    return MessageRate(per_minute, config.limits.message_burst or per_minute)
+    return MessageRate(per_minute, limits.message_burst or per_minute)
 
 
 def check_passthrough(config: Config) -> None:
@@ -370,7 +370,7 @@ def build_service(
         limit_wait=config.delivery.api_timeout,
         metrics=metrics,
     )
-    message_rate = AccountRateLimiter(reactor, default_message_rate(config))
+    message_rate = AccountRateLimiter(reactor, default_message_rate(config.limits))
     cram_md5 = bool(store.supports_cram_md5)
     names = listener_names(config.listeners)
     metrics.declare(names, config.providers)
@@ -437,6 +437,17 @@ def build_service(
     top.metrics = metrics  # type: ignore[attr-defined]
     top.readiness = readiness  # type: ignore[attr-defined]
     top.listeners_up = lambda: all_listening(listeners)  # type: ignore[attr-defined]
-    top.reloader = Reloader(config, load, prepare, tls, checker, dispatcher, smtp_factories, metrics)  # type: ignore[attr-defined]
+
+    def apply_limits(limits: LimitsConfig) -> None:
+        """Reloaded [limits] for new sessions (the Reloader updates their policies)."""
+        admission.reconfigure(limits)
+        message_rate.default = default_message_rate(limits)
+        parse = make_parser(reactor, mime_limits(limits))
+        for factory in smtp_factories:
+            factory.parse = parse
+
+    top.reloader = Reloader(  # type: ignore[attr-defined]
+        config, load, prepare, tls, checker, dispatcher, smtp_factories, metrics, apply_limits=apply_limits
+    )
     top.admission = admission  # type: ignore[attr-defined]
     return top

@@ -9,9 +9,12 @@ mismatched certificate, an unreadable accounts file) is logged naming the key
 or file, and the running configuration stays in use, whole.
 
 Open sessions keep what they started with (their TLS connection, their
-login); new connections, logins and deliveries use the new objects.  Listener
-endpoints, ``[server]``, ``[limits]``, ``[admin]``, ``[events]`` and the
-delivery mode are not reloaded: changing them takes a restart, and a reload that finds them
+login, their limits); new connections, logins and deliveries use the new
+objects, and ``[limits]`` applies to new sessions and to the admission
+decisions from then on.  Listener endpoints, ``[server]``, ``[admin]``,
+``[events]``, the delivery mode and, in ``[limits]``, ``ipv6_client_prefix``
+and ``exempt_networks`` (which client an open connection counts for) are not
+reloaded: changing them takes a restart, and a reload that finds them
 changed says so.
 """
 
@@ -26,7 +29,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.logger import Logger
 
-from mailgate.config import Config
+from mailgate.config import Config, LimitsConfig
 from mailgate.configvalues import ConfigError
 from mailgate.metrics import Metrics
 from mailgate.tls import ReloadableContextFactory, TLSConfigError
@@ -45,7 +48,8 @@ class Parts:
 _RESTART_ONLY: tuple[tuple[str, Callable[[Config], Any]], ...] = (
     ("[server]", lambda c: c.server),
     ("[[listeners]]", lambda c: c.listeners),
-    ("[limits]", lambda c: c.limits),
+    ("limits.ipv6_client_prefix", lambda c: c.limits.ipv6_client_prefix),
+    ("limits.exempt_networks", lambda c: c.limits.exempt_networks),
     ("[admin]", lambda c: c.admin),
     ("[events]", lambda c: c.events),
     ("delivery.mode", lambda c: c.delivery.mode),
@@ -67,6 +71,7 @@ class Reloader:
         dispatcher: Any,
         smtp_factories: Sequence[Any],
         metrics: Metrics,
+        apply_limits: Callable[[LimitsConfig], Any] = lambda limits: None,
     ):
         self.running = running
         self.load = load
@@ -76,6 +81,9 @@ class Reloader:
         self.dispatcher = dispatcher
         self.smtp_factories = smtp_factories
         self.metrics = metrics
+        # Applies reloaded limits beyond the listeners' policies (admission,
+        # message rate, parser): mailgate.build wires it.
+        self.apply_limits = apply_limits
 
     def reload(self) -> bool:
         """Re-read and apply the configuration; False (and logged) when it was refused."""
@@ -97,9 +105,15 @@ class Reloader:
         self.tls.adopt(parts.tls)
         self.checker.store = parts.store
         self.dispatcher.replace_routes(parts.routes, config.default_route)
+        limits = dataclasses.replace(
+            config.limits,
+            ipv6_client_prefix=self.running.limits.ipv6_client_prefix,
+            exempt_networks=self.running.limits.exempt_networks,
+        )
+        self.apply_limits(limits)
         cram_md5 = bool(parts.store.supports_cram_md5)
         for factory in self.smtp_factories:
-            factory.policy = dataclasses.replace(factory.policy, cram_md5=cram_md5)
+            factory.policy = dataclasses.replace(factory.policy, cram_md5=cram_md5, limits=limits)
         unapplied = [name for name, section in _RESTART_ONLY if section(config) != section(self.running)]
         if unapplied:
             self.log.warn(
@@ -111,7 +125,7 @@ class Reloader:
             config,
             server=self.running.server,
             listeners=self.running.listeners,
-            limits=self.running.limits,
+            limits=limits,
             admin=self.running.admin,
             events=self.running.events,
             delivery=dataclasses.replace(config.delivery, mode=self.running.delivery.mode),

@@ -134,6 +134,32 @@ def test_connection_rate_per_client() -> None:
     assert gate.open_session("192.0.2.1") is None
 
 
+def test_reconfigure_applies_new_limits_and_keeps_what_was_counted() -> None:
+    """A reload changes the limits for the decisions that follow; open sessions and
+    spent tokens stay counted; which client a connection counts for (the IPv6
+    prefix, the exempt networks) keeps its value, so closes still match opens."""
+    gate, clock = admission(max_connections_per_ip=1, max_connection_rate_per_ip=10, max_auth_failures_per_ip=5)
+    assert gate.open_session("2001:db8::1") is None
+    for _ in range(3):
+        gate.auth_attempt("192.0.2.1")
+    reloaded = LimitsConfig(
+        max_connections_per_ip=2,
+        max_connection_rate_per_ip=10,
+        max_auth_failures_per_ip=3,
+        ipv6_client_prefix=48,
+        exempt_networks=(ipaddress.ip_network("2001:db8::/32"),),
+    )
+    gate.reconfigure(reloaded)
+    assert gate.limits.max_connections_per_ip == 2
+    assert (gate.limits.ipv6_client_prefix, gate.limits.exempt_networks) == (64, ())
+    assert gate.open_session("2001:db8::2") is None  # the same /64: two allowed now
+    assert gate.open_session("2001:db8::3") == replies.TOO_MANY_CONNECTIONS
+    assert gate.auth_blocked("192.0.2.1")  # three failures were spent; three is the limit now
+    gate.close_session("2001:db8::1")
+    gate.close_session("2001:db8::2")
+    assert gate.sessions == 0 and gate.connections_from("2001:db8::1") == 0
+
+
 def test_load_shedding() -> None:
     """Past max_sessions, or with max_deliveries_in_flight waiting, everyone gets 421 at connect."""
     gate, _ = admission(max_sessions=2, max_deliveries_in_flight=1)

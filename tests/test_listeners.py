@@ -206,3 +206,23 @@ def test_reload_keeps_breakers_and_gates_of_unchanged_providers(tmp_path: Path) 
     assert dispatcher.breakers["main"] is not breaker and dispatcher.breakers["main"].policy.failures == 9
     assert dispatcher.gates["main"] is gate
     assert set(dispatcher.breakers) == set(dispatcher.gates) == {"main", "other"}
+
+
+def test_reload_applies_limits_to_the_message_rate_and_the_parser(tmp_path: Path) -> None:
+    """Reloaded [limits]: the default per-account message rate, the MIME limits of
+    new sessions' parser and their policies' limits all follow."""
+    from mailgate.message import MessageParseError
+    from mailgate.ratelimit import MessageRate
+
+    reactor = ProcessReactor()
+    (tmp_path / "state").mkdir()
+    reloaded = config(tmp_path, limits={"max_messages_per_minute": 5, "max_addresses_per_header": 2})
+    service = build_service(config(tmp_path), reactor, None, store=MemoryAccountStore({}), load=lambda: reloaded)
+    assert service.message_rate.default is None
+    assert service.reloader.reload()
+    assert service.message_rate.default == MessageRate(5, 5)
+    raw = b"From: a@example.com\r\nTo: b@example.org, c@example.org, d@example.org\r\n\r\nhi\r\n"
+    for factory in service.reloader.smtp_factories:
+        assert factory.policy.limits.max_addresses_per_header == 2
+        with pytest.raises(MessageParseError):
+            factory.parse(raw, "a@example.com", ("b@example.org",), {})

@@ -146,22 +146,63 @@ async def test_unusable_files_keep_the_running_ones(
     await threads.deferToThread(client.quit)
 
 
-@pytest_twisted.ensureDeferred
-async def test_listener_changes_need_a_restart(gateway: Gateway) -> None:
-    """Changed listeners or limits are not applied by a reload, and the log says so."""
-    config = gateway.tmp / "mailgate.toml"
-    config.write_text(config.read_text().replace("max_recipients = 50", "max_recipients = 5").replace('"127.0.0.1/32"', '"127.0.0.0/8"'))
+def reload_logging(gateway: Gateway) -> list[str]:
     events: list[dict[str, Any]] = []
     globalLogPublisher.addObserver(events.append)
     try:
         assert gateway.service.reloader.reload()
     finally:
         globalLogPublisher.removeObserver(events.append)
-    lines = [formatEvent(e) for e in events]
-    assert "reload: changes to [[listeners]], [limits] are not applied until a restart" in lines
-    assert gateway.service.reloader.running.limits.max_recipients == 50
+    return [formatEvent(e) for e in events]
+
+
+@pytest_twisted.ensureDeferred
+async def test_listener_changes_need_a_restart(gateway: Gateway) -> None:
+    """Changed listeners, and which client a connection counts for, are not applied
+    by a reload, and the log says so; the rest of [limits] is."""
+    config = gateway.tmp / "mailgate.toml"
+    text = config.read_text().replace('"127.0.0.1/32"', '"127.0.0.0/8"')
+    config.write_text(text.replace("[limits]\n", "[limits]\nipv6_client_prefix = 48\n"))
+    lines = reload_logging(gateway)
+    assert (
+        "reload: changes to [[listeners]], limits.ipv6_client_prefix are not applied until a restart" in lines
+    )
+    assert gateway.service.reloader.running.limits.ipv6_client_prefix == 64
+    assert gateway.service.admission.limits.ipv6_client_prefix == 64
     reloaded = [line for line in lines if line.startswith("configuration reloaded")]
     assert reloaded == [f"configuration reloaded: certificate {gateway.tmp}/fullchain.pem, accounts file, providers api"]
+
+
+def recipients_accepted(client: smtplib.SMTP, count: int) -> list[int]:
+    """MAIL, then ``count`` RCPTs: their reply codes (the transaction is reset after)."""
+    client.mail("a@example.com")
+    codes = [client.rcpt(f"r{n}@example.org")[0] for n in range(count)]
+    client.rset()
+    return codes
+
+
+@pytest_twisted.ensureDeferred
+async def test_reloaded_limits_apply_to_new_sessions(gateway: Gateway) -> None:
+    """[limits] changed and reloaded: a new session gets the new recipient limit and
+    advertises the new SIZE; a session opened before the reload keeps its own."""
+    port, context = gateway.ports["submission"], gateway.ssl_context()
+    old_session, _ = await threads.deferToThread(open_session, port, context, "alice", PASSWORDS["alice"])
+    config = gateway.tmp / "mailgate.toml"
+    config.write_text(
+        config.read_text().replace("max_recipients = 50", "max_recipients = 2").replace('"1MiB"', '"2MiB"')
+    )
+    lines = reload_logging(gateway)
+    assert not [line for line in lines if "not applied" in line]
+    assert gateway.service.reloader.running.limits.max_recipients == 2
+    new_session, _ = await threads.deferToThread(open_session, port, context, "alice", PASSWORDS["alice"])
+    try:
+        assert new_session.esmtp_features["size"] == str(2 * 1024 * 1024)
+        assert await threads.deferToThread(recipients_accepted, new_session, 3) == [250, 250, 452]
+        assert old_session.esmtp_features["size"] == str(1024 * 1024)
+        assert await threads.deferToThread(recipients_accepted, old_session, 3) == [250, 250, 250]
+    finally:
+        for client in (old_session, new_session):
+            await threads.deferToThread(client.quit)
 
 
 @pytest_twisted.ensureDeferred
