@@ -894,21 +894,26 @@ class QueueDeliverer:
     ) -> None:
         if not self.runner.is_open:
             return  # deliver() answers; nothing to write into.
-        envelope = Envelope(
-            queue_id=queue_id,
-            arrival=self.clock.seconds(),
-            sender=sender,
-            recipients=recipients,
-            account=account,
-            controls=None,
-        )
         # A failure (even a bug) is kept for deliver(), which answers it with 451.
-        self._prepared[queue_id] = (envelope, defer.maybeDeferred(self._write, envelope, raw))
+        self._prepared[queue_id] = self._store(queue_id, sender, recipients, account, None, raw)
 
     def release(self, queue_id: str) -> None:
         prepared = self._prepared.pop(queue_id, None)
         if prepared is not None:
             prepared[1].addBoth(lambda _: self.writer.discard(queue_id))
+
+    def _store(
+        self,
+        queue_id: str,
+        sender: str,
+        recipients: tuple[str, ...],
+        account: Account,
+        controls: Controls | None,
+        raw: bytes,
+    ) -> tuple[Envelope, defer.Deferred[None]]:
+        """The message's envelope, and its spool file being prepared."""
+        envelope = Envelope(queue_id, self.clock.seconds(), sender, recipients, account, controls)
+        return envelope, defer.maybeDeferred(self._write, envelope, raw)
 
     def _write(self, envelope: Envelope, raw: bytes) -> defer.Deferred[None]:
         """Prepare the spool file; its checksum is computed in a thread for a large
@@ -929,15 +934,9 @@ class QueueDeliverer:
         prepared = self._prepared.pop(queue_id, None)
         if prepared is None:
             # Not prepared (a caller that skips that phase): store the parsed message.
-            envelope = Envelope(
-                queue_id=queue_id,
-                arrival=self.clock.seconds(),
-                sender=email.envelope_sender,
-                recipients=email.envelope_recipients,
-                account=account,
-                controls=email.controls,
+            prepared = self._store(
+                queue_id, email.envelope_sender, email.envelope_recipients, account, email.controls, email.raw
             )
-            prepared = envelope, defer.maybeDeferred(self._write, envelope, email.raw)
         envelope, written = prepared
 
         def committed(_: None) -> Queued:
@@ -948,7 +947,7 @@ class QueueDeliverer:
             return Queued(queue_id)
 
         def failed(failure: Failure) -> NotQueued:
-            # What is left in tmp/, if anything (a publish no process answered).
+            # What is left in tmp/, if anything (a prepare no process answered).
             self.writer.discard(queue_id)
             error = failure.value
             if isinstance(error, OSError):

@@ -458,7 +458,7 @@ class Spool:
         errors are ignored (such a message is delivered again after a restart)."""
         for queue_id in queue_ids:
             try:
-                self.message_path(queue_id).unlink()
+                spoolfiles.remove_message(self.messages, self.message_path(queue_id).name)
             except OSError:
                 pass
 
