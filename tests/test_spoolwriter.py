@@ -19,6 +19,7 @@ from mailgate import spoolchild, spoolfiles
 from mailgate.spool import Spool
 from mailgate.spoolchild import DISCARD, PREPARE, PUBLISH
 from mailgate.spoolwriter import ProcessSpoolWriter
+from tests.spool_helpers import stand_in_python
 
 NAME, OTHER = "A" * 22, "B" * 22
 
@@ -235,26 +236,18 @@ async def test_a_process_that_cannot_work_fails_the_request(spool: Spool, logged
     assert logged_errors.take()
 
 
-def stand_in_python(directory: Path, dies: str) -> str:
-    """A "python" for the writer that runs the real child program, but dies (exit 9)
-    just before or just after each publish: a crash, or the OOM killer."""
-    script = directory / f"python-dying-{dies}-publish"
-    script.write_text(
-        f"#!{sys.executable}\n"
-        "import os, sys\n"
-        "root, tmp, messages = sys.argv[4:7]  # [-I, -c, code, root, tmp, messages]\n"
-        "sys.path.insert(0, root)\n"
-        "from mailgate import spoolchild, spoolfiles\n"
+def dying_python(directory: Path, dies: str) -> str:
+    """The spool writer program, but the process dies (exit 9) just before or just
+    after each publish: a crash, or the OOM killer."""
+    fault = (
         "publish = spoolfiles.publish_batch\n"
         "def dying(*args):\n"
         f"    if {dies == 'after'!r}:\n"
         "        publish(*args)\n"
         "    os._exit(9)\n"
-        "spoolfiles.publish_batch = dying\n"
-        "sys.exit(spoolchild.main([tmp, messages]))\n"
+        "spoolfiles.publish_batch = dying"
     )
-    script.chmod(0o755)
-    return str(script)
+    return stand_in_python(directory, f"python-dying-{dies}-publish", fault)
 
 
 @pytest.mark.parametrize("dies", ["before", "after"])
@@ -266,7 +259,7 @@ async def test_a_publish_no_process_answered_is_settled_truthfully(
     doing it.  Nobody answered, yet the client must not hear 451 for a message a
     restart would deliver: the publish is settled in the thread pool with the same
     idempotent call, and the message is in the queue either way."""
-    writer = ProcessSpoolWriter(spool, reactor, python=stand_in_python(tmp_path, dies))
+    writer = ProcessSpoolWriter(spool, reactor, python=dying_python(tmp_path, dies))
     writer.startService()
     try:
         await writer.prepare(NAME, b"entry")
@@ -333,7 +326,6 @@ async def test_the_process_exits_when_the_server_dies(spool: Spool, tmp_path: Pa
     """The server killed with -9 closes the pipe: the writer process sees the end of
     its input and exits, instead of lingering next to the restarted server."""
     import subprocess
-    import sys
     import textwrap
 
     script = tmp_path / "server.py"

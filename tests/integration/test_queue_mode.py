@@ -17,6 +17,7 @@ from twisted.internet import defer, reactor
 
 from mailgate.cli import main as cli_main
 from mailgate.testing import FakeEmailAPI, ScriptedResponse
+from tests.spool_helpers import stand_in_python
 
 from .conftest import PASSWORDS, running_gateway, send_with_smtplib, write_config
 
@@ -147,22 +148,10 @@ async def test_rejection_after_acceptance_bounces_to_the_sender(queue_gateway: A
 
 
 def python_with_a_full_disk(directory: Path) -> str:
-    """A stand-in for the Python the spool writer process runs on: the same
-    program, but every fsync fails with ENOSPC, where a full disk shows up for
-    data the kernel had buffered."""
-    script = directory / "python-with-a-full-disk"
-    script.write_text(
-        f"#!{sys.executable}\n"
-        "import errno, os, sys\n"
-        "def full(fd):\n"
-        "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
-        "os.fsync = full\n"
-        "code = sys.argv[3]  # [-I, -c, code, arguments...]\n"
-        "sys.argv = ['-c', *sys.argv[4:]]\n"
-        "exec(code)\n"
-    )
-    script.chmod(0o755)
-    return str(script)
+    """The spool writer program, but every fsync fails with ENOSPC, where a full
+    disk shows up for data the kernel had buffered."""
+    fault = "def full(fd):\n    raise OSError(errno.ENOSPC, 'No space left on device')\nos.fsync = full"
+    return stand_in_python(directory, "python-with-a-full-disk", fault)
 
 
 async def restart_spool_writer(gateway: Any, python: str) -> None:
